@@ -1,0 +1,82 @@
+"""Config keys of ACAM-KD, all under ``MODEL.ACAMKD``.
+
+Every ``[choice]`` of ``METHOD.md`` is a key here with the documented default, so the other
+reading can be run from YAML or the command line. Shared detectron2 defaults (INPUT, SOLVER,
+RESNETS, ...) are never changed here; that belongs in the YAML files under ``configs/``.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_acamkd_config"]
+
+
+def add_acamkd_config(cfg: CN) -> None:
+    """Add the ``MODEL.ACAMKD`` node to ``cfg`` in place (idempotent)."""
+    if "ACAMKD" in cfg.MODEL:
+        return
+    _C = cfg
+    _C.MODEL.ACAMKD = CN()
+
+    # Meta-architecture of the student (the rest of this config describes the student):
+    # "RetinaNet", "GeneralizedRCNN", "FCOS" or "SemanticSegmentor".
+    _C.MODEL.ACAMKD.STUDENT_META_ARCHITECTURE = "RetinaNet"
+    # Where to distil: "fpn" (every FPN level shared by teacher and student, detection) or
+    # "sem_seg_logits" (the segmentation head's logits, before upsampling).
+    _C.MODEL.ACAMKD.DISTILL_TARGET = "fpn"
+    # FPN levels to distil; empty means every level the two FPNs share (RetinaNet/FCOS p3-p7,
+    # Faster R-CNN p2-p6). Ignored for "sem_seg_logits".
+    _C.MODEL.ACAMKD.IN_FEATURES = []
+    # For "sem_seg_logits": when teacher and student logits have different strides, both are
+    # bilinearly resampled to the grid of "teacher" or "student".
+    _C.MODEL.ACAMKD.LOGITS_GRID = "student"
+
+    _C.MODEL.ACAMKD.TEACHER = CN()
+    # The teacher's own config: a file path or a detectron2 model-zoo name such as
+    # "COCO-Detection/retinanet_R_101_FPN_3x.yaml".
+    _C.MODEL.ACAMKD.TEACHER.CONFIG_FILE = ""
+    # Overrides applied to the teacher's config, as a flat KEY VALUE list.
+    _C.MODEL.ACAMKD.TEACHER.OPTS = []
+    # The teacher's weights: a local path, a detectron2:// or an https:// URL.
+    # MODEL.WEIGHTS initialises the student only.
+    _C.MODEL.ACAMKD.TEACHER.WEIGHTS = ""
+    # Allow an empty TEACHER.WEIGHTS (a randomly initialised teacher). Only for tests and
+    # smoke runs: distilling from a random teacher is almost never what a user wants.
+    _C.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = False
+
+    # Paper's "inheritance strategy": the student starts from the teacher's FPN and head
+    # weights wherever the shapes match (the log lists what was copied and what was skipped).
+    _C.MODEL.ACAMKD.INHERIT_TEACHER = False
+
+    # Number M of spatial and of channel masks (paper: 6 for detection, 19 for segmentation).
+    _C.MODEL.ACAMKD.NUM_MASKS = 6
+    # STCA-FF query source: "teacher" (paper default: Q from the teacher, K and V from the
+    # student) or "student" (Q from the student, K and V from the teacher; paper Table 9).
+    _C.MODEL.ACAMKD.QUERY_SOURCE = "teacher"
+    # Width of the query/key projections as a fraction of C (C_q = C/2 in the paper).
+    _C.MODEL.ACAMKD.QUERY_CHANNEL_RATIO = 0.5
+    # Channel-mask form: "scalar" (literal: m_c in R^{M x 1}, one weight per mask) or
+    # "per_channel" (m_c in R^{M x C}, elementwise).
+    _C.MODEL.ACAMKD.CHANNEL_MASK_FORM = "scalar"
+    # Detach the student's feature where it enters the mask branch (STCA-FF), so the student
+    # gets gradient only through the difference term. Not stated in the paper.
+    _C.MODEL.ACAMKD.DETACH_STUDENT_IN_MASKS = False
+    # How the mask generator treats the masked feature losses: "descend" (literal: minimise
+    # them) or "ascend" (gradient reversal on the masks: masks seek where the student lags).
+    # The Dice diversity loss is minimised either way. See METHOD.md, "Known risk".
+    _C.MODEL.ACAMKD.MASK_OBJECTIVE = "descend"
+    # Normaliser of the masked losses: "sum" (the mask's plain sum, as in MasKD) or "sum_sq"
+    # (its sum of squares).
+    _C.MODEL.ACAMKD.NORMALIZER = "sum"
+    # Masks the Dice diversity loss acts on: "both" (spatial and channel) or "spatial".
+    _C.MODEL.ACAMKD.DIVERSITY_TARGETS = "both"
+    # Student alignment f_align (1x1 conv, student -> teacher channels): "always" (default) or
+    # "when_needed" (only where the widths differ; identity otherwise).
+    _C.MODEL.ACAMKD.ALIGN = "always"
+    # alpha: weight of the masked feature losses (channel + spatial).
+    _C.MODEL.ACAMKD.LOSS_WEIGHT = 1.0
+    # lambda: weight of the Dice diversity loss.
+    _C.MODEL.ACAMKD.DIVERSITY_WEIGHT = 1.0
+    # Standard deviation of the normal init of the mask selection units m_s, m_c
+    # (small, so every mask starts near 0.5).
+    _C.MODEL.ACAMKD.MASK_INIT_STD = 0.01
+    # Added to the Dice denominator for numerical safety.
+    _C.MODEL.ACAMKD.DICE_EPS = 1e-6
