@@ -80,3 +80,30 @@ def add_acamkd_config(cfg: CN) -> None:
     _C.MODEL.ACAMKD.MASK_INIT_STD = 0.01
     # Added to the Dice denominator for numerical safety.
     _C.MODEL.ACAMKD.DICE_EPS = 1e-6
+
+    # ---- Semantic-segmentation student parts (modeling/backbone, modeling/heads) ----
+    # The timm MobileNetV2 backbone of the DeepLabV3-MobileNetV2 student
+    # (MODEL.BACKBONE.NAME "build_mobilenetv2_backbone"); MODEL.BACKBONE.FREEZE_AT applies.
+    _C.MODEL.ACAMKD.MOBILENETV2 = CN()
+    # timm model name of the variant: "mobilenetv2_100" (width 1.0), "mobilenetv2_140", ...
+    _C.MODEL.ACAMKD.MOBILENETV2.NAME = "mobilenetv2_100"
+    # Features to return, among "res2".."res5" (the last block of nominal stride 4/8/16/32;
+    # "res5" has 320 channels at width 1.0).
+    _C.MODEL.ACAMKD.MOBILENETV2.OUT_FEATURES = ["res5"]
+    # Output stride 8, 16 or 32: the stages past it are dilated instead of strided.
+    _C.MODEL.ACAMKD.MOBILENETV2.OUTPUT_STRIDE = 8
+    # Normalisation: "BN", "SyncBN" or "FrozenBN".
+    _C.MODEL.ACAMKD.MOBILENETV2.NORM = "BN"
+    # Local path of a state dict of the timm model, saved with torch.save (e.g. its ImageNet
+    # weights); the classifier keys are ignored. "" keeps the random init. Nothing is
+    # downloaded. MODEL.WEIGHTS, loaded after, still overrides it.
+    _C.MODEL.ACAMKD.MOBILENETV2.WEIGHTS = ""
+
+    # PSPNet's pyramid pooling head (MODEL.SEM_SEG_HEAD.NAME "PSPHead"); the rest of its
+    # settings are MODEL.SEM_SEG_HEAD's (IN_FEATURES, NUM_CLASSES, CONVS_DIM, ...).
+    _C.MODEL.ACAMKD.PSP = CN()
+    # Output grid sizes of the pyramid's adaptive average pools (the paper's 1, 2, 3, 6).
+    _C.MODEL.ACAMKD.PSP.POOL_SCALES = [1, 2, 3, 6]
+    # Dropout probability before the classifier.
+    _C.MODEL.ACAMKD.PSP.DROPOUT = 0.1
+    # ---- end of the semantic-segmentation student parts ----
