@@ -1,0 +1,123 @@
+"""STCA-FF: student-teacher cross-attention feature fusion (METHOD.md, "STCA-FF")."""
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["STCAFusion"]
+
+_QUERY_SOURCES = ("teacher", "student")
+
+
+def _to_sequence(x: Tensor) -> Tensor:
+    """
+    Args:
+        x (Tensor): (B, C, H, W) feature.
+
+    Returns:
+        Tensor: (B, 1, N, C), contiguous: one head, positions as the sequence. The fused SDPA
+        kernels require stride 1 on the last axis and otherwise fall back, silently, to the math
+        path that builds the N x N matrix.
+    """
+    return x.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
+
+
+class STCAFusion(nn.Module):
+    """
+    One-head cross-attention between a teacher and an (aligned) student feature of one level.
+
+    With ``query_source="teacher"`` (paper default) the query comes from the teacher and key and
+    value from the student, ``F = V softmax_over_keys(Q^T K / sqrt(C_q))^T``; with
+    ``query_source="student"`` the roles swap. No residual and no normalisation.
+
+    The ``N x N`` attention matrix is never materialised: the attention runs through
+    :func:`torch.nn.functional.scaled_dot_product_attention`, whose fused (flash) CPU and CUDA
+    kernels need one head width for query, key and value. Query and key are therefore
+    zero-padded to the value width ``C`` (zero columns add nothing to ``Q^T K``) and the scale is
+    passed explicitly as ``1/sqrt(C_q)``. Padding costs the same FLOPs as splitting the value into
+    ``C / C_q`` chunks of width ``C_q`` (each chunk recomputes ``Q^T K``), but needs a single call
+    and works for any ``C`` and ratio, including odd ``C`` (19 Cityscapes classes) where ``C_q``
+    does not divide ``C``.
+    """
+
+    def __init__(
+        self, channels: int, query_channel_ratio: float = 0.5, query_source: str = "teacher"
+    ) -> None:
+        """
+        Args:
+            channels (int): C, the channel count of the teacher and the aligned student.
+            query_channel_ratio (float): C_q / C; ``C_q = max(1, int(C * ratio))``.
+            query_source (str): "teacher" (Q from the teacher, K and V from the student) or
+                "student" (Q from the student, K and V from the teacher).
+        """
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"STCAFusion: channels must be >= 1, got {channels}")
+        if query_channel_ratio <= 0:
+            raise ValueError(
+                f"STCAFusion: query_channel_ratio must be > 0, got {query_channel_ratio}"
+            )
+        if query_source not in _QUERY_SOURCES:
+            raise ValueError(
+                f"STCAFusion: query_source must be one of {_QUERY_SOURCES}, got {query_source!r}"
+            )
+        self.channels = channels
+        self.query_channels = max(1, int(channels * query_channel_ratio))
+        self.query_source = query_source
+        self.scale = 1.0 / math.sqrt(self.query_channels)
+
+        self.query_proj = nn.Conv2d(channels, self.query_channels, kernel_size=1)
+        # A key bias adds the same q.b to every key of a query, which the softmax over keys
+        # cancels: it would be a parameter that never receives a gradient.
+        self.key_proj = nn.Conv2d(channels, self.query_channels, kernel_size=1, bias=False)
+        self.value_proj = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, teacher: Tensor, student: Tensor) -> Tensor:
+        """
+        Args:
+            teacher (Tensor): (B, C, H, W) teacher feature; detached here, so no gradient ever
+                reaches it.
+            student (Tensor): (B, C, H, W) aligned student feature on the same grid.
+
+        Returns:
+            Tensor: (B, C, H, W) fused feature F.
+        """
+        teacher = teacher.detach()
+        if teacher.shape != student.shape or teacher.dim() != 4:
+            raise ValueError(
+                "STCAFusion: teacher and student must both be (B, C, H, W) of the same shape, got "
+                f"{tuple(teacher.shape)} and {tuple(student.shape)}"
+            )
+        if teacher.shape[1] != self.channels:
+            raise ValueError(
+                f"STCAFusion: expected {self.channels} channels, got {teacher.shape[1]}"
+            )
+        if self.query_source == "teacher":
+            query_src, kv_src = teacher, student
+        else:
+            query_src, kv_src = student, teacher
+        b, c, h, w = teacher.shape
+        q = _to_sequence(self.query_proj(query_src))
+        k = _to_sequence(self.key_proj(kv_src))
+        v = _to_sequence(self.value_proj(kv_src))
+        out = self._attend(q, k, v)
+        return out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """
+        Args:
+            q (Tensor): (B, 1, N, C_q) queries.
+            k (Tensor): (B, 1, N, C_q) keys.
+            v (Tensor): (B, 1, N, C) values.
+
+        Returns:
+            Tensor: (B, 1, N, C), ``softmax(q k^T / sqrt(C_q)) v`` without an N x N buffer.
+        """
+        width = max(q.shape[-1], v.shape[-1])
+        # Zero padding keeps q k^T (and so the softmax) exact; see the class docstring.
+        q = F.pad(q, (0, width - q.shape[-1]))
+        k = F.pad(k, (0, width - k.shape[-1]))
+        v_padded = F.pad(v, (0, width - v.shape[-1]))
+        out = F.scaled_dot_product_attention(q, k, v_padded, scale=self.scale)
+        return out[..., : v.shape[-1]]
