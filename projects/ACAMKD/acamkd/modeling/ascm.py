@@ -1,0 +1,73 @@
+"""ASCM: adaptive spatial-channel masks computed from the fused feature (METHOD.md, "ASCM")."""
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AdaptiveSpatialChannelMasks"]
+
+_CHANNEL_MASK_FORMS = ("scalar", "per_channel")
+
+
+class AdaptiveSpatialChannelMasks(nn.Module):
+    """
+    M learnable selection units that turn the fused feature F into M spatial and M channel masks.
+
+    - spatial: ``Ms = sigmoid(m_s z)`` with ``z = F`` flattened (C x N), ``m_s`` in R^{M x C};
+    - channel: ``v = avgpool_spatial(F)`` (length C) and ``Mc = sigmoid(m_c v^T)`` with ``m_c``
+      in R^{M x 1} ("scalar", the paper's literal form) or ``Mc = sigmoid(m_c * v)`` with ``m_c``
+      in R^{M x C} elementwise ("per_channel").
+
+    ``m_s`` and ``m_c`` are the parameters ``spatial_units`` and ``channel_units``; they start
+    from N(0, init_std), so every mask starts near 0.5.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_masks: int = 6,
+        channel_mask_form: str = "scalar",
+        init_std: float = 0.01,
+    ) -> None:
+        """
+        Args:
+            channels (int): C, the channel count of the fused feature.
+            num_masks (int): M, the number of spatial and of channel masks.
+            channel_mask_form (str): "scalar" or "per_channel" (see the class docstring).
+            init_std (float): standard deviation of the normal init of ``m_s`` and ``m_c``.
+        """
+        super().__init__()
+        if num_masks < 1:
+            raise ValueError(
+                f"AdaptiveSpatialChannelMasks: num_masks must be >= 1, got {num_masks}"
+            )
+        if channel_mask_form not in _CHANNEL_MASK_FORMS:
+            raise ValueError(
+                "AdaptiveSpatialChannelMasks: channel_mask_form must be one of "
+                f"{_CHANNEL_MASK_FORMS}, got {channel_mask_form!r}"
+            )
+        self.channels = channels
+        self.num_masks = num_masks
+        self.channel_mask_form = channel_mask_form
+        self.spatial_units = nn.Parameter(torch.empty(num_masks, channels))
+        channel_width = 1 if channel_mask_form == "scalar" else channels
+        self.channel_units = nn.Parameter(torch.empty(num_masks, channel_width))
+        nn.init.normal_(self.spatial_units, std=init_std)
+        nn.init.normal_(self.channel_units, std=init_std)
+
+    def forward(self, fused: Tensor) -> Tuple[Tensor, Tensor]:
+        """
+        Args:
+            fused (Tensor): (B, C, H, W) fused feature F.
+
+        Returns:
+            spatial_masks (Tensor): (B, M, H, W), values in (0, 1).
+            channel_masks (Tensor): (B, M, C), values in (0, 1).
+        """
+        spatial_logits = torch.einsum("mc,bchw->bmhw", self.spatial_units, fused)
+        pooled = fused.mean(dim=(2, 3))  # (B, C)
+        # Scalar form: (M, 1) * (B, 1, C) is the outer product m_c v^T per image; per-channel form:
+        # (M, C) * (B, 1, C) is elementwise. One broadcast serves both.
+        channel_logits = self.channel_units * pooled.unsqueeze(1)
+        return torch.sigmoid(spatial_logits), torch.sigmoid(channel_logits)
