@@ -1,0 +1,249 @@
+"""ACAM: one level of ACAM-KD (alignment, STCA-FF, ASCM and the masked losses)."""
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.config import configurable
+
+from .acam_losses import (
+    NORMALIZERS,
+    dice_diversity_loss,
+    mask_discrepancy_correlation,
+    mask_statistics,
+    masked_channel_loss,
+    masked_spatial_loss,
+    reverse_gradient,
+)
+from .ascm import AdaptiveSpatialChannelMasks
+from .stca_ff import STCAFusion
+
+__all__ = ["ACAMLevel", "ACAMOutput"]
+
+
+@dataclass
+class ACAMOutput:
+    """
+    What one :class:`ACAMLevel` returns.
+
+    Attributes:
+        losses (dict[str, Tensor]): already weighted 0-dim losses "loss_acam_channel"
+            (alpha * Lc), "loss_acam_spatial" (alpha * Ls) and "loss_acam_diversity"
+            (lambda * L_div).
+        stats (dict[str, Tensor]): detached 0-dim statistics "spatial_mask_mean",
+            "spatial_mask_coverage", "spatial_mask_dice", "channel_mask_mean",
+            "channel_mask_coverage", "channel_mask_dice" and "mask_discrepancy_corr".
+        masks (dict[str, Tensor] or None): only when asked for, detached: "spatial"
+            (B, M, H, W), "channel" (B, M, C), "fused" (B, C, H, W) and "discrepancy" (B, H, W),
+            the per-position ``sum_c D^2``.
+    """
+
+    losses: Dict[str, Tensor]
+    stats: Dict[str, Tensor]
+    masks: Optional[Dict[str, Tensor]]
+
+
+def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"MODEL.ACAMKD.{key} must be one of {tuple(allowed)}, got {value!r}")
+
+
+class ACAMLevel(nn.Module):
+    """
+    ACAM-KD on one feature level: aligns the student to the teacher's width, fuses the two with
+    STCA-FF, derives M spatial and M channel masks from the fused feature (ASCM), and returns the
+    masked channel and spatial losses on ``D = T - f_align(S)`` and the Dice diversity loss of
+    the masks.
+
+    The teacher feature is always detached. The masked losses are computed in float32, also
+    under autocast.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher_channels: int,
+        student_channels: int,
+        num_masks: int = 6,
+        query_source: str = "teacher",
+        query_channel_ratio: float = 0.5,
+        channel_mask_form: str = "scalar",
+        detach_student_in_masks: bool = False,
+        mask_objective: str = "descend",
+        normalizer: str = "sum",
+        diversity_targets: str = "both",
+        align: str = "always",
+        loss_weight: float = 1.0,
+        diversity_weight: float = 1.0,
+        mask_init_std: float = 0.01,
+        dice_eps: float = 1e-6,
+    ) -> None:
+        """
+        Args:
+            teacher_channels (int): Ct, channels of the teacher feature (and of the masks' C).
+            student_channels (int): Cs, channels of the raw student feature.
+            num_masks (int): M, number of spatial and of channel masks.
+            query_source (str): STCA-FF query from "teacher" (K, V from the student) or
+                "student" (K, V from the teacher).
+            query_channel_ratio (float): C_q / C of the query and key projections.
+            channel_mask_form (str): "scalar" (m_c in R^{M x 1}) or "per_channel" (R^{M x C}).
+            detach_student_in_masks (bool): feed the aligned student to STCA-FF detached, so the
+                student gets gradient only through D.
+            mask_objective (str): "descend" (the mask generator minimises the masked losses) or
+                "ascend" (gradient reversal on the masks in those losses; Dice is still
+                minimised).
+            normalizer (str): masked-loss normaliser, "sum" or "sum_sq" of the mask.
+            diversity_targets (str): "both": L_div is the sum of the mean pairwise Dice of the
+                spatial masks and that of the channel masks; "spatial": the spatial term only.
+            align (str): f_align is a 1x1 conv "always", or only "when_needed" (identity when
+                Cs == Ct).
+            loss_weight (float): alpha, weight of the channel and spatial losses.
+            diversity_weight (float): lambda, weight of the Dice diversity loss.
+            mask_init_std (float): std of the normal init of m_s and m_c.
+            dice_eps (float): added to the Dice denominator.
+        """
+        super().__init__()
+        _check_choice("QUERY_SOURCE", query_source, ("teacher", "student"))
+        _check_choice("CHANNEL_MASK_FORM", channel_mask_form, ("scalar", "per_channel"))
+        _check_choice("MASK_OBJECTIVE", mask_objective, ("descend", "ascend"))
+        _check_choice("NORMALIZER", normalizer, NORMALIZERS)
+        _check_choice("DIVERSITY_TARGETS", diversity_targets, ("both", "spatial"))
+        _check_choice("ALIGN", align, ("always", "when_needed"))
+        if num_masks < 1:
+            raise ValueError(f"MODEL.ACAMKD.NUM_MASKS must be >= 1, got {num_masks}")
+        if query_channel_ratio <= 0:
+            raise ValueError(
+                f"MODEL.ACAMKD.QUERY_CHANNEL_RATIO must be > 0, got {query_channel_ratio}"
+            )
+        if teacher_channels < 1 or student_channels < 1:
+            raise ValueError(
+                "ACAMLevel: teacher_channels and student_channels must be >= 1, got "
+                f"{teacher_channels} and {student_channels}"
+            )
+
+        self.teacher_channels = teacher_channels
+        self.student_channels = student_channels
+        self.detach_student_in_masks = detach_student_in_masks
+        self.mask_objective = mask_objective
+        self.normalizer = normalizer
+        self.diversity_targets = diversity_targets
+        self.loss_weight = loss_weight
+        self.diversity_weight = diversity_weight
+        self.dice_eps = dice_eps
+
+        if align == "always" or student_channels != teacher_channels:
+            self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+        else:
+            self.align = nn.Identity()
+        self.fusion = STCAFusion(
+            teacher_channels, query_channel_ratio=query_channel_ratio, query_source=query_source
+        )
+        self.ascm = AdaptiveSpatialChannelMasks(
+            teacher_channels,
+            num_masks=num_masks,
+            channel_mask_form=channel_mask_form,
+            init_std=mask_init_std,
+        )
+
+    @classmethod
+    def from_config(cls, cfg, teacher_channels: int, student_channels: int) -> Dict:
+        acam = cfg.MODEL.ACAMKD
+        return {
+            "teacher_channels": teacher_channels,
+            "student_channels": student_channels,
+            "num_masks": acam.NUM_MASKS,
+            "query_source": acam.QUERY_SOURCE,
+            "query_channel_ratio": acam.QUERY_CHANNEL_RATIO,
+            "channel_mask_form": acam.CHANNEL_MASK_FORM,
+            "detach_student_in_masks": acam.DETACH_STUDENT_IN_MASKS,
+            "mask_objective": acam.MASK_OBJECTIVE,
+            "normalizer": acam.NORMALIZER,
+            "diversity_targets": acam.DIVERSITY_TARGETS,
+            "align": acam.ALIGN,
+            "loss_weight": acam.LOSS_WEIGHT,
+            "diversity_weight": acam.DIVERSITY_WEIGHT,
+            "mask_init_std": acam.MASK_INIT_STD,
+            "dice_eps": acam.DICE_EPS,
+        }
+
+    def forward(self, teacher: Tensor, student: Tensor, return_masks: bool = False) -> ACAMOutput:
+        """
+        Args:
+            teacher (Tensor): (B, Ct, H, W) teacher feature (detached here).
+            student (Tensor): (B, Cs, H, W) raw student feature on the teacher's grid.
+            return_masks (bool): also return the detached masks, fused feature and discrepancy.
+
+        Returns:
+            ACAMOutput: weighted losses, detached statistics and, if asked for, the masks.
+        """
+        self._check_inputs(teacher, student)
+        teacher = teacher.detach()
+        aligned = self.align(student)
+
+        mask_input = aligned.detach() if self.detach_student_in_masks else aligned
+        fused = self.fusion(teacher, mask_input)
+
+        # The masks and losses are cheap next to the attention; float32 keeps the sigmoid masks
+        # near 0.5 and the squared differences exact under a float16/bfloat16 autocast.
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            spatial_masks, channel_masks = self.ascm(fused.float())
+            diff = teacher.float() - aligned.float()
+            if self.mask_objective == "ascend":
+                # The mask generator maximises the masked discrepancy; the student still
+                # minimises it through D, which the reversal does not touch.
+                feat_spatial, feat_channel = map(reverse_gradient, (spatial_masks, channel_masks))
+            else:
+                feat_spatial, feat_channel = spatial_masks, channel_masks
+            loss_channel = masked_channel_loss(diff, feat_channel, self.normalizer)
+            loss_spatial = masked_spatial_loss(diff, feat_spatial, self.normalizer)
+            loss_div = dice_diversity_loss(spatial_masks, self.dice_eps)
+            if self.diversity_targets == "both":
+                loss_div = loss_div + dice_diversity_loss(channel_masks, self.dice_eps)
+
+        losses = {
+            "loss_acam_channel": self.loss_weight * loss_channel,
+            "loss_acam_spatial": self.loss_weight * loss_spatial,
+            "loss_acam_diversity": self.diversity_weight * loss_div,
+        }
+
+        with torch.no_grad():
+            discrepancy = diff.detach().square().sum(dim=1)  # (B, H, W)
+            stats = {}
+            for name, masks in (("spatial", spatial_masks), ("channel", channel_masks)):
+                for key, value in mask_statistics(masks, self.dice_eps).items():
+                    stats[f"{name}_mask_{key}"] = value
+            stats["mask_discrepancy_corr"] = mask_discrepancy_correlation(
+                spatial_masks, discrepancy
+            )
+
+        masks_out = None
+        if return_masks:
+            masks_out = {
+                "spatial": spatial_masks.detach(),
+                "channel": channel_masks.detach(),
+                "fused": fused.detach(),
+                "discrepancy": discrepancy,
+            }
+        return ACAMOutput(losses=losses, stats=stats, masks=masks_out)
+
+    def _check_inputs(self, teacher: Tensor, student: Tensor) -> None:
+        if teacher.dim() != 4 or student.dim() != 4:
+            raise ValueError(
+                "ACAMLevel: teacher and student must be (B, C, H, W), got "
+                f"{tuple(teacher.shape)} and {tuple(student.shape)}"
+            )
+        tb, tc, th, tw = teacher.shape
+        sb, sc, sh, sw = student.shape
+        if (tb, th, tw) != (sb, sh, sw):
+            raise ValueError(
+                "ACAMLevel: teacher and student must share batch size and grid (B, H, W), got "
+                f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)}"
+            )
+        if tc != self.teacher_channels or sc != self.student_channels:
+            raise ValueError(
+                f"ACAMLevel: expected {self.teacher_channels} teacher and {self.student_channels} "
+                f"student channels, got {tc} and {sc}"
+            )
