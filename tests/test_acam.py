@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from detectron2.config import get_cfg
 
 from acamkd.config import add_acamkd_config
-from acamkd.modeling import ACAMLevel, ACAMOutput
+from acamkd.modeling.acam import ACAMLevel, ACAMOutput
 from acamkd.modeling.acam_losses import (
     dice_diversity_loss,
     mask_discrepancy_correlation,
