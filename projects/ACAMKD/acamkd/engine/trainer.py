@@ -1,0 +1,111 @@
+"""The trainer: detectron2's ``DefaultTrainer`` with the few changes distillation needs."""
+
+import contextlib
+from typing import Iterator, List
+
+import torch
+from torch import nn
+
+import detectron2.data.transforms as T
+from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
+from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
+from detectron2.utils import comm
+
+from ..checkpoint import DistillationCheckpointer
+from ..evaluation import build_evaluator
+from ..solver import build_lr_scheduler
+
+__all__ = ["DistillationTrainer", "create_ddp_model", "is_semantic_segmentation"]
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """
+    detectron2's ``create_ddp_model``, which also works for CPU processes (gloo): detectron2
+    passes ``device_ids=[local_rank]``, which DistributedDataParallel rejects for CPU modules.
+    """
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return d2_create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _distillation_defaults() -> Iterator[None]:
+    """
+    While ``DefaultTrainer.__init__`` runs, use the CPU-aware DDP wrapper and the checkpointer
+    that keeps teacher and student apart. Both are drop-in replacements: for a plain detector
+    on GPUs they behave exactly as detectron2's. Patching the two names for the duration of
+    the constructor keeps the rest of detectron2's constructor (and its future fixes) intact.
+    """
+    saved = d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer
+    d2_defaults.create_ddp_model = create_ddp_model
+    d2_defaults.DetectionCheckpointer = DistillationCheckpointer
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer = saved
+
+
+def is_semantic_segmentation(cfg: CfgNode) -> bool:
+    """Whether ``cfg`` trains a semantic segmentor (plain or as a distillation student)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "ACAMDistiller":
+        arch = cfg.MODEL.ACAMKD.STUDENT_META_ARCHITECTURE
+    return arch == "SemanticSegmentor"
+
+
+def build_sem_seg_train_aug(cfg: CfgNode) -> List[T.Augmentation]:
+    """The DeepLab project's training augmentations: resize, category-aware crop, flip."""
+    augs = [
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+    ]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(
+            T.RandomCrop_CategoryAreaConstraint(
+                cfg.INPUT.CROP.TYPE,
+                cfg.INPUT.CROP.SIZE,
+                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            )
+        )
+    augs.append(T.RandomFlip())
+    return augs
+
+
+class DistillationTrainer(DefaultTrainer):
+    """
+    ``DefaultTrainer`` for distillers and for the plain teachers and students they compare to:
+
+    - ``MODEL.WEIGHTS`` initialises the student only; ``--resume`` restores everything;
+    - DDP works with a frozen teacher and on CPU processes;
+    - evaluators follow the dataset's ``evaluator_type``; semantic segmentation uses the
+      DeepLab project's augmentations and LR schedule.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+            raise ValueError(
+                "SOLVER.AMP.ENABLED is True but CUDA is not available: detectron2's AMPTrainer "
+                "needs a GPU. Set SOLVER.AMP.ENABLED False to train on the CPU."
+            )
+        with _distillation_defaults():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if is_semantic_segmentation(cfg):
+            mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)

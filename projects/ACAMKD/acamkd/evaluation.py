@@ -1,0 +1,52 @@
+"""Evaluator choice by the dataset's ``evaluator_type``, as detectron2's tools do it."""
+
+import os
+from typing import Optional
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    DatasetEvaluator,
+    SemSegEvaluator,
+)
+
+__all__ = ["build_evaluator", "has_compiled_ops"]
+
+
+def has_compiled_ops() -> bool:
+    """Whether detectron2's compiled ``_C`` extension loads (it does not for the PyPI wheel)."""
+    try:
+        from detectron2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_evaluator(
+    cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+) -> DatasetEvaluator:
+    """
+    The evaluator for ``dataset_name``: COCO, Cityscapes instance, generic semantic
+    segmentation or Cityscapes semantic segmentation.
+    """
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    if kind == "coco":
+        # The C++ COCOeval needs detectron2's _C extension; pycocotools' is the reference.
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+        )
+    if kind == "cityscapes_instance":
+        return CityscapesInstanceEvaluator(dataset_name)
+    if kind == "sem_seg":
+        return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+    if kind == "cityscapes_sem_seg":
+        return CityscapesSemSegEvaluator(dataset_name)
+    raise NotImplementedError(
+        f"No evaluator for dataset {dataset_name!r} with evaluator_type={kind!r}; supported: "
+        "coco, cityscapes_instance, sem_seg, cityscapes_sem_seg. Register the dataset's metadata "
+        "with one of these (MetadataCatalog.get(name).set(evaluator_type=...))."
+    )

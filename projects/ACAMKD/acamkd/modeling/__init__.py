@@ -1,0 +1,27 @@
+"""Models: the ACAM module, the distillation meta-architecture and the parts detectron2 lacks."""
+
+# Importing the submodules registers their classes in detectron2's registries.
+from .acam import ACAMLevel, ACAMOutput
+from .backbone import (
+    MobileNetV2Backbone,
+    build_mobilenetv2_backbone,
+    build_resnet_basic_deeplab_backbone,
+)
+from .heads import PSPHead
+from .meta_arch import FCOS, ACAMDistiller, build_student_cfg
+from .teacher import build_frozen_teacher, build_teacher_cfg, get_acamkd_cfg
+
+__all__ = [
+    "ACAMLevel",
+    "ACAMOutput",
+    "ACAMDistiller",
+    "FCOS",
+    "MobileNetV2Backbone",
+    "PSPHead",
+    "build_mobilenetv2_backbone",
+    "build_resnet_basic_deeplab_backbone",
+    "build_student_cfg",
+    "build_frozen_teacher",
+    "build_teacher_cfg",
+    "get_acamkd_cfg",
+]

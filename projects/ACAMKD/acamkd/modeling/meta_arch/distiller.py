@@ -1,0 +1,316 @@
+"""The distillation meta-architecture: a frozen teacher, a trained student, ACAM per level."""
+
+import contextlib
+import logging
+from typing import Dict, Iterator, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectron2.config import CfgNode, configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.utils.events import get_event_storage
+
+from ..acam import ACAMLevel, ACAMOutput
+from ..inheritance import inherit_from_teacher
+from ..teacher import build_frozen_teacher, build_teacher_cfg
+
+__all__ = ["ACAMDistiller", "build_student_cfg"]
+
+logger = logging.getLogger(__name__)
+
+_DISTILL_TARGETS = ("fpn", "sem_seg_logits")
+# The module whose output is distilled, per target. For logits it is the head's final 1x1
+# classifier: its output is at the head's stride, before upsampling to the image.
+_FEATURE_MODULE = {"fpn": "backbone", "sem_seg_logits": "sem_seg_head.predictor"}
+_LOGITS = "logits"
+
+
+def build_student_cfg(cfg: CfgNode) -> CfgNode:
+    """The student's plain detectron2 config: ``cfg`` with the student's meta-architecture."""
+    scfg = cfg.clone()
+    scfg.defrost()
+    scfg.MODEL.META_ARCHITECTURE = cfg.MODEL.ACAMKD.STUDENT_META_ARCHITECTURE
+    scfg.freeze()
+    return scfg
+
+
+@contextlib.contextmanager
+def _capture_output(module: nn.Module) -> Iterator[Dict[str, object]]:
+    """Record ``module``'s first input and its output while the context is open."""
+    record: Dict[str, object] = {}
+
+    def hook(_module, inputs, output):
+        record["input"] = inputs[0]
+        record["output"] = output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def _current_storage():
+    try:
+        return get_event_storage()
+    except AssertionError:  # no EventStorage open (e.g. a forward pass outside a trainer)
+        return None
+
+
+@META_ARCH_REGISTRY.register()
+class ACAMDistiller(nn.Module):
+    """
+    Wraps a frozen teacher and a trained student (RetinaNet, GeneralizedRCNN, FCOS or
+    SemanticSegmentor) and adds one :class:`ACAMLevel` per distilled level.
+
+    Training returns the student's own losses plus ``loss_acam_{channel,spatial,diversity}``
+    (summed over levels, already weighted); per-level mask statistics go to the event storage
+    under ``acam/<level>/...``. Eval returns exactly the student's outputs.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        acam: nn.ModuleDict,
+        distill_target: str = "fpn",
+        student_input_format: str = "BGR",
+        teacher_input_format: str = "BGR",
+        logits_grid: str = "student",
+    ):
+        """
+        Args:
+            student (nn.Module): a detectron2 meta-architecture, trained.
+            teacher (nn.Module): a detectron2 meta-architecture, frozen here.
+            acam (nn.ModuleDict): one :class:`ACAMLevel` per distilled level name ("p3", ...,
+                or "logits").
+            distill_target (str): "fpn" or "sem_seg_logits".
+            student_input_format, teacher_input_format (str): "BGR" or "RGB" (INPUT.FORMAT of
+                each); the images given to the forward are in the student's format.
+            logits_grid (str): for "sem_seg_logits", resample both logits to the "teacher" or
+                "student" grid when their strides differ.
+        """
+        super().__init__()
+        if distill_target not in _DISTILL_TARGETS:
+            raise ValueError(
+                f"MODEL.ACAMKD.DISTILL_TARGET={distill_target!r}; "
+                f"expected one of {_DISTILL_TARGETS}"
+            )
+        if logits_grid not in ("teacher", "student"):
+            raise ValueError(
+                f"MODEL.ACAMKD.LOGITS_GRID={logits_grid!r}; expected 'teacher' or 'student'"
+            )
+        self.student = student
+        self.teacher = teacher
+        self.acam = acam
+        self.distill_target = distill_target
+        self.student_input_format = student_input_format
+        self.teacher_input_format = teacher_input_format
+        self.logits_grid = logits_grid
+        _check_levels(student, teacher, list(acam.keys()), distill_target)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode):
+        scfg = build_student_cfg(cfg)
+        tcfg = build_teacher_cfg(cfg)
+        student = build_model(scfg)
+        teacher = build_frozen_teacher(
+            tcfg, allow_random_init=cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT
+        )
+        if cfg.MODEL.ACAMKD.INHERIT_TEACHER:
+            inherit_from_teacher(student, teacher)
+        target = cfg.MODEL.ACAMKD.DISTILL_TARGET
+        if target == "fpn":
+            levels = _shared_levels(student, teacher, list(cfg.MODEL.ACAMKD.IN_FEATURES))
+            t_shapes, s_shapes = teacher.backbone.output_shape(), student.backbone.output_shape()
+            channels = {k: (t_shapes[k].channels, s_shapes[k].channels) for k in levels}
+        else:
+            t_classes = tcfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            s_classes = scfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+            if t_classes != s_classes:
+                raise ValueError(
+                    f"Teacher predicts {t_classes} classes and student {s_classes} "
+                    "(MODEL.SEM_SEG_HEAD.NUM_CLASSES): logits distillation needs the same classes."
+                )
+            channels = {_LOGITS: (t_classes, s_classes)}
+        acam = nn.ModuleDict(
+            {
+                k: ACAMLevel(cfg, teacher_channels=ct, student_channels=cs)
+                for k, (ct, cs) in channels.items()
+            }
+        )
+        return {
+            "student": student,
+            "teacher": teacher,
+            "acam": acam,
+            "distill_target": target,
+            "student_input_format": scfg.INPUT.FORMAT,
+            "teacher_input_format": tcfg.INPUT.FORMAT,
+            "logits_grid": cfg.MODEL.ACAMKD.LOGITS_GRID,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    def train(self, mode: bool = True) -> "ACAMDistiller":
+        """Like ``nn.Module.train``, but the teacher stays in eval mode (BN statistics frozen)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batched_inputs: List[Dict[str, object]]):
+        """
+        Args:
+            batched_inputs (list[dict]): detectron2's per-image dicts, as for the student.
+
+        Returns:
+            In training, dict[str, Tensor] of already-weighted losses. In eval, the student's
+            outputs, unchanged.
+        """
+        if not self.training:
+            return self.student(batched_inputs)
+        outputs = self.distill(batched_inputs)
+        losses = dict(outputs.pop("student_losses"))
+        for level, out in outputs.items():
+            for name, value in out.losses.items():
+                losses[name] = losses[name] + value if name in losses else value
+        self._log_stats(outputs)
+        return losses
+
+    def distill(
+        self, batched_inputs: List[Dict[str, object]], return_masks: bool = False
+    ) -> Dict[str, object]:
+        """
+        Run the student (with its task losses) and the teacher, then ACAM on every level.
+
+        Returns:
+            dict: "student_losses" (dict[str, Tensor]) and one :class:`ACAMOutput` per level.
+        """
+        feature_module = self.student.get_submodule(_FEATURE_MODULE[self.distill_target])
+        with _capture_output(self.student.backbone) as images, _capture_output(
+            feature_module
+        ) as student_record:
+            student_losses = self.student(batched_inputs)
+        padded_hw = tuple(images["input"].shape[-2:])
+        student_features = self._as_dict(student_record["output"])
+        with torch.no_grad():
+            teacher_features = self.teacher_features(batched_inputs, padded_hw)
+        outputs: Dict[str, object] = {"student_losses": student_losses}
+        for level, acam in self.acam.items():
+            t, s = teacher_features[level], student_features[level]
+            if self.distill_target == "sem_seg_logits":
+                t, s = self._to_common_grid(t, s)
+            elif t.shape[-2:] != s.shape[-2:]:
+                raise ValueError(
+                    f"FPN level {level!r}: teacher grid {tuple(t.shape[-2:])} != student grid "
+                    f"{tuple(s.shape[-2:])} for padded images of size {padded_hw}. The two "
+                    "backbones pad or stride differently; use the same FPN strides and "
+                    "size divisibility for both."
+                )
+            outputs[level] = acam(t, s, return_masks=return_masks)
+        return outputs
+
+    def teacher_features(
+        self, batched_inputs: List[Dict[str, object]], padded_hw: tuple
+    ) -> Dict[str, Tensor]:
+        """
+        The teacher's features for the distilled levels, from images normalised with its own
+        pixel mean/std and input format and padded like the student's.
+
+        Args:
+            padded_hw (tuple[int, int]): the student's padded image size.
+
+        Returns:
+            dict[str, Tensor]: level name -> (B, C, H, W).
+        """
+        images = self._teacher_images(batched_inputs, padded_hw)
+        if self.distill_target == "fpn":
+            return self.teacher.backbone(images)
+        with _capture_output(self.teacher.sem_seg_head.predictor) as record:
+            self.teacher.sem_seg_head(self.teacher.backbone(images))
+        return self._as_dict(record["output"])
+
+    def _teacher_images(self, batched_inputs, padded_hw) -> Tensor:
+        teacher = self.teacher
+        divisibility = teacher.backbone.size_divisibility
+        if divisibility > 1 and (padded_hw[0] % divisibility or padded_hw[1] % divisibility):
+            raise ValueError(
+                f"The student pads images to {padded_hw}, which the teacher's backbone cannot "
+                f"take (its size_divisibility is {divisibility}). Give the student a backbone "
+                "whose size divisibility is a multiple of the teacher's."
+            )
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(teacher.pixel_mean.device).float()
+            if self.teacher_input_format != self.student_input_format:
+                image = image.flip(0)  # BGR <-> RGB
+            image = (image - teacher.pixel_mean) / teacher.pixel_std
+            h, w = image.shape[-2:]
+            images.append(F.pad(image, (0, padded_hw[1] - w, 0, padded_hw[0] - h)))
+        return torch.stack(images)
+
+    def _to_common_grid(self, teacher: Tensor, student: Tensor):
+        if teacher.shape[-2:] == student.shape[-2:]:
+            return teacher, student
+        size = (teacher if self.logits_grid == "teacher" else student).shape[-2:]
+        return tuple(
+            F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for x in (teacher, student)
+        )
+
+    @staticmethod
+    def _as_dict(features) -> Dict[str, Tensor]:
+        return features if isinstance(features, dict) else {_LOGITS: features}
+
+    def _log_stats(self, outputs: Dict[str, object]) -> None:
+        storage = _current_storage()
+        if storage is None:
+            return
+        scalars = {}
+        for level, out in outputs.items():
+            assert isinstance(out, ACAMOutput)
+            for name, value in out.stats.items():
+                scalars[f"acam/{level}/{name}"] = value
+            for name, value in out.losses.items():
+                scalars[f"acam/{level}/{name}"] = value.detach()
+        storage.put_scalars(**{k: float(v) for k, v in scalars.items()})
+
+
+def _shared_levels(student: nn.Module, teacher: nn.Module, requested: List[str]) -> List[str]:
+    """FPN levels to distil: ``requested`` or every level both backbones output."""
+    s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+    levels = requested or [k for k in s_shapes if k in t_shapes]
+    if not levels:
+        raise ValueError(
+            f"Teacher FPN levels {sorted(t_shapes)} and student levels {sorted(s_shapes)} share "
+            "none: nothing to distil. Use backbones with common levels (e.g. p3-p7)."
+        )
+    _check_levels(student, teacher, levels, "fpn")
+    return levels
+
+
+def _check_levels(student, teacher, levels: List[str], target: str) -> None:
+    """Every distilled FPN level exists in both backbones with the same stride."""
+    if target != "fpn":
+        return
+    s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+    for level in levels:
+        for who, shapes in (("teacher", t_shapes), ("student", s_shapes)):
+            if level not in shapes:
+                raise ValueError(
+                    f"FPN level {level!r} (MODEL.ACAMKD.IN_FEATURES) is not an output of the "
+                    f"{who}'s backbone, whose levels are {sorted(shapes)}."
+                )
+        if s_shapes[level].stride != t_shapes[level].stride:
+            raise ValueError(
+                f"FPN level {level!r} has stride {t_shapes[level].stride} in the teacher and "
+                f"{s_shapes[level].stride} in the student: their grids would not align."
+            )

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""
+ACAM-KD training script, on detectron2's ``tools/train_net.py`` template.
+
+Trains a distiller (``MODEL.META_ARCHITECTURE: ACAMDistiller``) or a plain detectron2 model
+(the teacher or the student baseline) from a YAML config, on one or many GPUs, on one or many
+machines, or on CPU processes:
+
+    python train_net.py --config-file configs/COCO-Detection/<config>.yaml --num-gpus 8
+    python train_net.py --config-file <config>.yaml --eval-only MODEL.WEIGHTS <checkpoint>
+    python train_net.py --config-file <config>.yaml --resume
+
+Datasets: detectron2's builtin names (``coco_2017_train``, ``cityscapes_fine_sem_seg_val``,
+...) under ``$DETECTRON2_DATASETS``, the project's generated ``streets_*`` sets, or your own COCO
+data with ``--register-coco NAME JSON IMAGE_DIR``.
+"""
+import logging
+
+from detectron2.config import CfgNode
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import acamkd  # noqa: F401  (registers the meta-architecture, backbones, heads and datasets)
+from acamkd import DistillationCheckpointer, DistillationTrainer, get_acamkd_cfg
+from acamkd.data import add_register_coco_argument, register_coco_datasets
+
+logger = logging.getLogger("acamkd")
+
+
+class Trainer(DistillationTrainer):
+    """Everything distillation needs lives in :class:`DistillationTrainer`."""
+
+
+def setup(args) -> CfgNode:
+    """Config from ``--config-file`` and trailing ``KEY VALUE`` overrides; logging; output dir."""
+    cfg = get_acamkd_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.eval_only and cfg.MODEL.META_ARCHITECTURE == "ACAMDistiller":
+        # Evaluation runs the student alone; a distiller checkpoint restores the teacher anyway,
+        # so its (possibly remote) weights are not fetched.
+        cfg.MODEL.ACAMKD.TEACHER.WEIGHTS = ""
+        cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = True
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    register_coco_datasets(args.register_coco or [])
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def build_argument_parser():
+    parser = default_argument_parser()
+    add_register_coco_argument(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
