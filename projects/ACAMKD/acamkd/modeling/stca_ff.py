@@ -8,6 +8,7 @@ from torch import Tensor, nn
 __all__ = ["STCAFusion"]
 
 _QUERY_SOURCES = ("teacher", "student")
+_HEAD_ALIGN = 8
 
 
 def _to_sequence(x: Tensor) -> Tensor:
@@ -33,13 +34,14 @@ class STCAFusion(nn.Module):
     The ``N x N`` attention matrix is never materialised: the attention runs through
     :func:`torch.nn.functional.scaled_dot_product_attention`, whose fused (flash) CPU and CUDA
     kernels need one head width for query, key and value. The value is therefore split into
-    ``ceil(C / C_q)`` chunks of width ``C_q`` (the last one zero-padded), run as heads that share
-    the same Q and K (expanded views, no copy), with the scale ``1/sqrt(C_q)``. Zero-padding Q
-    and K to width C instead costs the same FLOPs and memory, but gives the CPU flash backward,
-    which parallelises over batch x heads only, a single work item at batch 1: it then runs in
-    one thread around a multithreaded BLAS on small blocks, measured 5-7x slower here (N=4200,
-    C=256, 2 threads: 3.8-4.8 s against 0.7-1.0 s for the split). Odd C (19 Cityscapes
-    classes, C_q = 9) works too, with 3 heads and 8 padded value columns.
+    chunks of the query width (C_q rounded up to a multiple of 8, query and key zero-padded to
+    it; the last chunk zero-padded too), run as heads that all share the same Q and K (expanded
+    views, no copy), with the scale ``1/sqrt(C_q)``. The result is exactly one-head attention.
+    Zero-padding Q and K to width C instead costs the same FLOPs and memory, but gives the CPU
+    flash backward, which parallelises over batch x heads only, a single work item at batch 1:
+    it then runs in one thread around a multithreaded BLAS on small blocks, measured 5-7x
+    slower here (N=4200, C=256, 2 threads: 3.8-4.8 s against 0.7-1.0 s). Odd C works too:
+    19 Cityscapes classes give C_q = 9, two heads of width 16.
     """
 
     def __init__(
@@ -116,12 +118,17 @@ class STCAFusion(nn.Module):
             Tensor: (B, N, C), ``softmax(q k^T / sqrt(C_q)) v`` without an N x N buffer.
         """
         b, n, c = v.shape
-        width = q.shape[-1]
-        heads = -(-c // width)  # ceil(C / C_q); 1 when C_q >= C
+        # A multiple of 8: the alignment the CUDA flash and memory-efficient kernels check (odd
+        # C_q such as 9 would send them to the math path there). Zero query/key columns leave
+        # q k^T unchanged; the scale stays 1/sqrt(C_q).
+        width = -(-q.shape[-1] // _HEAD_ALIGN) * _HEAD_ALIGN
+        q = F.pad(q, (0, width - q.shape[-1]))
+        k = F.pad(k, (0, width - k.shape[-1]))
+        heads = -(-c // width)  # ceil(C / width); 1 when width >= C
         # Zero value columns only add zero output columns, dropped below.
         v = F.pad(v, (0, heads * width - c))
-        v = v.view(b, n, heads, width).transpose(1, 2)  # (B, heads, N, C_q), last stride 1
+        v = v.view(b, n, heads, width).transpose(1, 2)  # (B, heads, N, width), last stride 1
         q = q.unsqueeze(1).expand(b, heads, n, width)
         k = k.unsqueeze(1).expand(b, heads, n, width)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, C_q)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, width)
         return out.transpose(1, 2).reshape(b, n, heads * width)[..., :c]
