@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Generate the synthetic street scenes in COCO and Cityscapes layouts.
+
+Writes ``<root>/acamkd_streets/{coco,cityscapes,manifest.json}``, which the ``streets_*``
+datasets registered by ``import acamkd.data`` read. Running it again with the same parameters
+does nothing; other parameters (or ``--force``) regenerate the set.
+
+Example::
+
+    python tools/generate_data.py                      # default: 240 train / 60 val, 320x160
+    python tools/generate_data.py --num-train 24 --num-val 6 --width 160 --height 80
+"""
+import argparse
+import time
+
+from detectron2.utils.logger import setup_logger
+
+from acamkd.data import default_datasets_root, generate_streets
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="datasets root (default: $DETECTRON2_DATASETS or 'datasets', now '{}')".format(
+            default_datasets_root()
+        ),
+    )
+    parser.add_argument("--num-train", type=int, default=240, help="training images")
+    parser.add_argument("--num-val", type=int, default=60, help="validation images")
+    parser.add_argument("--width", type=int, default=320, help="image width in pixels")
+    parser.add_argument("--height", type=int, default=160, help="image height in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole set")
+    parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main() -> None:
+    args = get_parser().parse_args()
+    setup_logger(name="acamkd")
+    start = time.perf_counter()
+    directory = generate_streets(
+        args.root,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    print("{} ({:.1f} s)".format(directory, time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()
