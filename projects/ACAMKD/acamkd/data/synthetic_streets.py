@@ -213,7 +213,7 @@ def generate_streets(
         height (int): image height in pixels (at least 32); Cityscapes' aspect is 2:1.
         seed (int): seed of the whole set; image i of a split depends only on (seed, split, i).
         force (bool): regenerate even when the manifest matches.
-        progress (bool): show a tqdm progress bar.
+        progress (bool): show a tqdm progress bar (on a terminal).
 
     Returns:
         str: the dataset folder, ``<root>/acamkd_streets``.
@@ -252,7 +252,13 @@ def generate_streets(
         shutil.rmtree(os.path.join(directory, sub), ignore_errors=True)
 
     writer = _Writer(directory)
-    bar = tqdm(total=sum(counts.values()), desc=STREETS_DIRNAME, unit="img", disable=not progress)
+    # disable=None: a bar on a terminal only, not a log full of carriage returns.
+    bar = tqdm(
+        total=sum(counts.values()),
+        desc=STREETS_DIRNAME,
+        unit="img",
+        disable=None if progress else True,
+    )
     for split_index, split in enumerate(STREETS_SPLITS):
         images, annotations = [], []
         for i in range(counts[split]):
