@@ -4,7 +4,7 @@ Importing the package registers everything in detectron2's registries: the ACAMD
 meta-architecture, a YAML-buildable FCOS, the segmentation backbones and heads, and the
 generated ``streets_*`` datasets.
 """
-from . import modeling  # noqa: F401  (registration happens on import)
+from . import data, modeling  # noqa: F401  (registration happens on import)
 from .checkpoint import DistillationCheckpointer
 from .config import add_acamkd_config
 from .engine import DistillationTrainer
