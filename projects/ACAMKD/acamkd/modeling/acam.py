@@ -36,8 +36,9 @@ class ACAMOutput:
             "spatial_mask_coverage", "spatial_mask_dice", "channel_mask_mean",
             "channel_mask_coverage", "channel_mask_dice" and "mask_discrepancy_corr".
         masks (dict[str, Tensor] or None): only when asked for, detached: "spatial"
-            (B, M, H, W), "channel" (B, M, C), "fused" (B, C, H, W) and "discrepancy" (B, H, W),
-            the per-position ``sum_c D^2``.
+            (B, M, H, W), "channel" (B, M, C), "fused" (B, C, H, W), "teacher" (B, C, H, W),
+            "student" (B, C, H, W) the aligned student ``f_align(S)``, and "discrepancy"
+            (B, H, W), the per-position ``sum_c D^2``.
     """
 
     losses: Dict[str, Tensor]
@@ -174,7 +175,8 @@ class ACAMLevel(nn.Module):
         Args:
             teacher (Tensor): (B, Ct, H, W) teacher feature (detached here).
             student (Tensor): (B, Cs, H, W) raw student feature on the teacher's grid.
-            return_masks (bool): also return the detached masks, fused feature and discrepancy.
+            return_masks (bool): also return the detached masks, the fused, teacher and aligned
+                student features and the discrepancy.
 
         Returns:
             ACAMOutput: weighted losses, detached statistics and, if asked for, the masks.
@@ -225,6 +227,8 @@ class ACAMLevel(nn.Module):
                 "spatial": spatial_masks.detach(),
                 "channel": channel_masks.detach(),
                 "fused": fused.detach(),
+                "teacher": teacher,
+                "student": aligned.detach(),
                 "discrepancy": discrepancy,
             }
         return ACAMOutput(losses=losses, stats=stats, masks=masks_out)
