@@ -218,6 +218,25 @@ class ACAMDistiller(nn.Module):
             outputs[level] = acam(t, s, return_masks=return_masks)
         return outputs
 
+    @torch.no_grad()
+    def distill_features(self, batched_inputs: List[Dict[str, object]]) -> Dict[str, ACAMOutput]:
+        """
+        ACAM on every level, with its masks, for images without annotations (visualisation):
+        the student runs its inference path, so neither its task losses nor ground truth are
+        needed, and its normalisation layers use their running statistics.
+
+        Returns:
+            dict[str, ACAMOutput]: level name -> the level's output, masks included.
+        """
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            outputs = self.distill(batched_inputs, return_masks=True)
+        finally:
+            self.student.train(was_training)
+        outputs.pop("student_losses")  # here the student's predictions
+        return outputs
+
     def teacher_features(
         self, batched_inputs: List[Dict[str, object]], padded_hw: tuple
     ) -> Dict[str, Tensor]:
@@ -278,10 +297,21 @@ class ACAMDistiller(nn.Module):
         for level, out in outputs.items():
             assert isinstance(out, ACAMOutput)
             for name, value in out.stats.items():
-                scalars[f"acam/{level}/{name}"] = value
+                scalars[f"acam/{level}/{name}"] = float(value)
             for name, value in out.losses.items():
-                scalars[f"acam/{level}/{name}"] = value.detach()
-        storage.put_scalars(**{k: float(v) for k, v in scalars.items()})
+                scalars[f"acam/{level}/{name}"] = float(value)
+        # Each level's part of the total ACAM loss (all levels, all three terms): the shares
+        # sum to 1 and show which level and which term drive the distillation.
+        losses = {
+            (level, name): scalars[f"acam/{level}/{name}"]
+            for level, out in outputs.items()
+            for name in out.losses
+        }
+        total = sum(losses.values())
+        if total > 0:
+            for (level, name), value in losses.items():
+                scalars[f"acam/{level}/share_{name.replace('loss_acam_', '')}"] = value / total
+        storage.put_scalars(**scalars)
 
 
 def _shared_levels(student: nn.Module, teacher: nn.Module, requested: List[str]) -> List[str]:
