@@ -9,7 +9,7 @@ from torch import nn
 import detectron2.data.transforms as T
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, PeriodicWriter
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from ..checkpoint import DistillationCheckpointer
 from ..evaluation import build_evaluator
 from ..solver import build_lr_scheduler
+from .hooks import ACAMStatsPrinter, MaskVisualizationHook, unwrap_distiller
 
 __all__ = ["DistillationTrainer", "create_ddp_model", "is_semantic_segmentation"]
 
@@ -83,7 +84,9 @@ class DistillationTrainer(DefaultTrainer):
     - ``MODEL.WEIGHTS`` initialises the student only; ``--resume`` restores everything;
     - DDP works with a frozen teacher and on CPU processes;
     - evaluators follow the dataset's ``evaluator_type``; semantic segmentation uses the
-      DeepLab project's augmentations and LR schedule.
+      DeepLab project's augmentations and LR schedule;
+    - for a distiller, the per-level mask statistics are logged as a table, and every
+      ``VIS_PERIOD`` iterations a figure of the masks goes to TensorBoard.
     """
 
     def __init__(self, cfg: CfgNode):
@@ -94,6 +97,22 @@ class DistillationTrainer(DefaultTrainer):
             )
         with _distillation_defaults():
             super().__init__(cfg)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        distiller = unwrap_distiller(self.model) is not None
+        if self.cfg.VIS_PERIOD > 0 and comm.is_main_process() and distiller:
+            # Before the writers, so that the figure is written at the iteration it is made.
+            writers = [i for i, h in enumerate(ret) if isinstance(h, PeriodicWriter)]
+            at = writers[0] if writers else len(ret)
+            ret.insert(at, MaskVisualizationHook(self.cfg, self.cfg.VIS_PERIOD))
+        return ret
+
+    def build_writers(self):
+        writers = super().build_writers()
+        if unwrap_distiller(self.model) is not None:
+            writers.insert(1, ACAMStatsPrinter())  # after detectron2's console printer
+        return writers
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

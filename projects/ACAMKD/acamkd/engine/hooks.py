@@ -1,0 +1,130 @@
+"""Training hooks that show what the ACAM masks do: a TensorBoard figure and a console table."""
+
+import logging
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode
+from detectron2.engine import HookBase
+from detectron2.utils.events import EventWriter, get_event_storage
+
+from ..modeling.meta_arch.distiller import ACAMDistiller
+from ..visualization import level_rows, load_images, render_mask_figure
+
+__all__ = ["ACAMStatsPrinter", "MaskVisualizationHook", "unwrap_distiller"]
+
+# Logged where detectron2's CommonMetricPrinter logs, so the table lands in the same console
+# and log.txt (default_setup only configures the "detectron2" and "fvcore" loggers).
+_logger = logging.getLogger("detectron2.utils.events")
+
+
+def unwrap_distiller(model: nn.Module) -> Optional[ACAMDistiller]:
+    """The :class:`ACAMDistiller` in ``model`` (DistributedDataParallel or not), else None."""
+    model = getattr(model, "module", model)
+    return model if isinstance(model, ACAMDistiller) else None
+
+
+class MaskVisualizationHook(HookBase):
+    """
+    Every ``period`` iterations, runs the distiller on one fixed image and puts a figure of its
+    masks (one row per level, see :func:`acamkd.visualization.render_mask_figure`) into the
+    event storage, which detectron2's TensorBoard writer writes as an image.
+
+    The image is the first of ``DATASETS.TEST[0]`` (or ``DATASETS.TRAIN[0]`` when there is no
+    test set: loading a big training set's annotations a second time costs memory) at the
+    test-time size, so successive figures show the same image.
+    """
+
+    def __init__(
+        self,
+        cfg: CfgNode,
+        period: int,
+        *,
+        tag: str = "acam/masks",
+        panel_width: float = 1.6,
+        dpi: int = 60,
+    ) -> None:
+        """
+        Args:
+            cfg (CfgNode): the training config (datasets, input size and format).
+            period (int): iterations between figures; 0 turns the hook off.
+            tag (str): the image's name in TensorBoard.
+            panel_width, dpi: size of the figure, see :func:`render_mask_figure`.
+        """
+        self._cfg = cfg
+        self._period = period
+        self._tag = tag
+        self._panel_width = panel_width
+        self._dpi = dpi
+        self._inputs: Optional[List[dict]] = None
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if self._period <= 0 or next_iter % self._period:
+            return
+        model = unwrap_distiller(self.trainer.model)
+        if model is None:
+            return
+        if self._inputs is None:
+            datasets = self._cfg.DATASETS.TEST or self._cfg.DATASETS.TRAIN
+            self._inputs = load_images(self._cfg, dataset=datasets[0], num_images=1)
+        self.trainer.storage.put_image(self._tag, self._figure(model, next_iter))
+
+    def _figure(self, model: ACAMDistiller, iteration: int) -> torch.Tensor:
+        rows = level_rows(model, self._inputs[0], self._cfg.INPUT.FORMAT)
+        figure = render_mask_figure(
+            rows,
+            f"ACAM masks after iteration {iteration}",
+            panel_width=self._panel_width,
+            dpi=self._dpi,
+        )
+        return torch.from_numpy(figure).permute(2, 0, 1).float() / 255.0  # (3, H, W) in [0, 1]
+
+
+class ACAMStatsPrinter(EventWriter):
+    """
+    Logs the per-level ACAM statistics (``acam/<level>/...`` in the event storage) as one line
+    per level, median-smoothed like detectron2's metric printer: mask mean, coverage (> 0.5)
+    and pairwise Dice of the spatial and channel masks, the correlation of the spatial masks
+    with the discrepancy, and each loss's share of the total ACAM loss.
+    """
+
+    _COLUMNS = (
+        (
+            "spatial mean/cover/dice",
+            ("spatial_mask_mean", "spatial_mask_coverage", "spatial_mask_dice"),
+        ),
+        (
+            "channel mean/cover/dice",
+            ("channel_mask_mean", "channel_mask_coverage", "channel_mask_dice"),
+        ),
+        ("corr", ("mask_discrepancy_corr",)),
+        ("loss share channel/spatial/div", ("share_channel", "share_spatial", "share_diversity")),
+    )
+
+    def __init__(self, window_size: int = 20) -> None:
+        self._window_size = window_size
+        self._last_write = -1
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        if storage.iter == self._last_write:
+            return
+        self._last_write = storage.iter
+        histories = storage.histories()
+        levels = []
+        for key in histories:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "acam" and parts[1] not in levels:
+                levels.append(parts[1])
+        for level in levels:
+            fields = []
+            for title, names in self._COLUMNS:
+                keys = [f"acam/{level}/{n}" for n in names]
+                if all(k in histories for k in keys):
+                    values = [histories[k].median(self._window_size) for k in keys]
+                    fields.append(f"{title} " + "/".join(f"{v:.3f}" for v in values))
+            if fields:
+                _logger.info(f" acam {level}: " + "  ".join(fields))
