@@ -14,7 +14,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 
-from ..checkpoint import DistillationCheckpointer
+from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
 from ..evaluation import build_evaluator
 from ..solver import build_lr_scheduler
 from .hooks import ACAMStatsPrinter, MaskVisualizationHook, unwrap_distiller
@@ -113,6 +113,16 @@ class DistillationTrainer(DefaultTrainer):
         if unwrap_distiller(self.model) is not None:
             writers.insert(1, ACAMStatsPrinter())  # after detectron2's console printer
         return writers
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """
+        ``DefaultTrainer.resume_or_load``; when ``MODEL.WEIGHTS`` is what gets loaded and it
+        cannot be read, the error names it and says how to pass a local copy.
+        """
+        if resume and self.checkpointer.has_checkpoint():
+            return super().resume_or_load(resume=True)
+        with explain_unreadable_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"):
+            return super().resume_or_load(resume=resume)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
