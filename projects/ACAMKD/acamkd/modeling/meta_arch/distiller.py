@@ -81,6 +81,7 @@ class ACAMDistiller(nn.Module):
         student_input_format: str = "BGR",
         teacher_input_format: str = "BGR",
         logits_grid: str = "student",
+        inherit_teacher: bool = False,
     ):
         """
         Args:
@@ -93,6 +94,8 @@ class ACAMDistiller(nn.Module):
                 each); the images given to the forward are in the student's format.
             logits_grid (str): for "sem_seg_logits", resample both logits to the "teacher" or
                 "student" grid when their strides differ.
+            inherit_teacher (bool): the paper's inheritance strategy: copy the teacher's FPN
+                and head weights into the student where names and shapes match.
         """
         super().__init__()
         if distill_target not in _DISTILL_TARGETS:
@@ -112,6 +115,9 @@ class ACAMDistiller(nn.Module):
         self.teacher_input_format = teacher_input_format
         self.logits_grid = logits_grid
         _check_levels(student, teacher, list(acam.keys()), distill_target)
+        _check_channels(student, teacher, acam, distill_target)
+        if inherit_teacher:
+            inherit_from_teacher(student, teacher)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
@@ -124,8 +130,6 @@ class ACAMDistiller(nn.Module):
         teacher = build_frozen_teacher(
             tcfg, allow_random_init=cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT
         )
-        if cfg.MODEL.ACAMKD.INHERIT_TEACHER:
-            inherit_from_teacher(student, teacher)
         target = cfg.MODEL.ACAMKD.DISTILL_TARGET
         if target == "fpn":
             levels = _shared_levels(student, teacher, list(cfg.MODEL.ACAMKD.IN_FEATURES))
@@ -154,6 +158,7 @@ class ACAMDistiller(nn.Module):
             "student_input_format": scfg.INPUT.FORMAT,
             "teacher_input_format": tcfg.INPUT.FORMAT,
             "logits_grid": cfg.MODEL.ACAMKD.LOGITS_GRID,
+            "inherit_teacher": cfg.MODEL.ACAMKD.INHERIT_TEACHER,
         }
 
     @property
@@ -344,3 +349,20 @@ def _check_levels(student, teacher, levels: List[str], target: str) -> None:
                 f"FPN level {level!r} has stride {t_shapes[level].stride} in the teacher and "
                 f"{s_shapes[level].stride} in the student: their grids would not align."
             )
+
+
+def _check_channels(student, teacher, acam: nn.ModuleDict, target: str) -> None:
+    """Every ACAM level was built for the widths its two inputs have (a LazyConfig states them)."""
+    for level, module in acam.items():
+        for who, net in (("teacher", teacher), ("student", student)):
+            if target == "fpn":
+                have = net.backbone.output_shape()[level].channels
+            else:
+                have = getattr(net.sem_seg_head.predictor, "out_channels", None)
+            want = getattr(module, f"{who}_channels", None)
+            if None not in (have, want) and have != want:
+                raise ValueError(
+                    f"ACAM level {level!r} was built for {want} {who} channels but the {who} "
+                    f"gives {have}: set its {who}_channels to {have} (model.acam.{who}_channels "
+                    "in a LazyConfig)."
+                )
