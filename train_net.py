@@ -2,13 +2,19 @@
 """
 ACAM-KD training script, on detectron2's ``tools/train_net.py`` template.
 
-Trains a distiller (``MODEL.META_ARCHITECTURE: ACAMDistiller``) or a plain detectron2 model
-(the teacher or the student baseline) from a YAML config, on one or many GPUs, on one or many
-machines, or on CPU processes:
+Trains a distiller (``MODEL.META_ARCHITECTURE: ACAMDistiller``, or ``model = L(ACAMDistiller)``)
+or a plain detectron2 model (the teacher or the student baseline) from a YAML or a LazyConfig
+``.py`` config, on one or many GPUs, on one or many machines, or on CPU processes:
 
     python train_net.py --config-file configs/COCO-Detection/<config>.yaml --num-gpus 8
     python train_net.py --config-file <config>.yaml --eval-only MODEL.WEIGHTS <checkpoint>
     python train_net.py --config-file <config>.yaml --resume
+    python train_net.py --config-file configs/COCO-Detection/<config>.py --num-gpus 8 \
+        train.max_iter=1000 model.acam.num_masks=4
+    python train_net.py --config-file <config>.py --eval-only train.init_checkpoint=<checkpoint>
+
+Overrides after the options are ``KEY VALUE`` pairs for a YAML config and ``key=value`` for a
+``.py`` one (detectron2's ``LazyConfig.apply_overrides``).
 
 Datasets: detectron2's builtin names (``coco_2017_train``, ``cityscapes_fine_sem_seg_val``,
 ...) under ``$DETECTRON2_DATASETS``, the project's generated ``streets_*`` sets, or your own COCO
@@ -23,7 +29,9 @@ from detectron2.utils import comm
 
 import acamkd  # noqa: F401  (registers the meta-architecture, backbones, heads and datasets)
 from acamkd import DistillationCheckpointer, DistillationTrainer, get_acamkd_cfg
+from acamkd.checkpoint import load_checkpoint
 from acamkd.data import add_register_coco_argument, register_coco_datasets
+from acamkd.engine import lazy_train
 
 logger = logging.getLogger("acamkd")
 
@@ -49,12 +57,13 @@ def setup(args) -> CfgNode:
 
 def main(args):
     register_coco_datasets(args.register_coco or [])
+    if lazy_train.is_lazy_config(args.config_file):
+        return lazy_train.main(args)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        load_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

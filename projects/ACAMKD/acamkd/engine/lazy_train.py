@@ -1,0 +1,159 @@
+"""
+Training and evaluation from a LazyConfig ``.py`` file, on detectron2's
+``tools/lazyconfig_train_net.py`` template, with this project's checkpointer (``train.
+init_checkpoint`` initialises the student only; ``--resume`` restores everything) and DDP
+that also runs on CPU processes.
+
+The config has detectron2's standard top-level names: ``model``, ``dataloader.{train, test,
+evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train`` (``output_dir``,
+``init_checkpoint``, ``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``,
+``log_period``, ``device``), as in detectron2's ``configs/common/train.py``.
+"""
+
+import logging
+from typing import Dict, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from ..checkpoint import DistillationCheckpointer, load_checkpoint
+from ..lazy import skip_teacher_weights
+from .trainer import create_ddp_model
+
+__all__ = ["is_lazy_config", "setup_lazy", "do_test", "do_train", "main"]
+
+logger = logging.getLogger("acamkd")
+
+
+def is_lazy_config(path: str) -> bool:
+    """Whether ``path`` is a LazyConfig (``.py``) rather than a YAML config."""
+    return path.endswith(".py")
+
+
+def setup_lazy(args) -> DictConfig:
+    """
+    The config of ``args.config_file`` with the trailing ``key=value`` overrides applied; logging,
+    output directory (with the merged ``config.yaml``) and seed, as for a YAML config.
+
+    Args:
+        args: detectron2's ``default_argument_parser`` arguments.
+
+    Returns:
+        DictConfig: the config.
+    """
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.eval_only and skip_teacher_weights(cfg):
+        logger.info("Evaluation runs the student alone: the teacher's weights are not loaded.")
+    _check_device(cfg)
+    default_setup(cfg, args)
+    return cfg
+
+
+def _check_device(cfg: DictConfig) -> None:
+    device = str(cfg.train.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.device={device!r} but CUDA is not available: add train.device=cpu to the "
+            "command line."
+        )
+    if cfg.train.amp.enabled and not device.startswith("cuda"):
+        raise ValueError(
+            "train.amp.enabled=True needs a GPU (detectron2's AMPTrainer): add "
+            "train.amp.enabled=False to train on the CPU."
+        )
+
+
+def do_test(cfg: DictConfig, model: torch.nn.Module) -> Optional[Dict]:
+    """
+    Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``.
+
+    Returns:
+        dict or None: the evaluator's results (None when the config has no evaluator).
+    """
+    if "evaluator" not in cfg.dataloader:
+        return None
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return ret
+
+
+def do_train(cfg: DictConfig, resume: bool = False) -> None:
+    """
+    Train ``cfg.model`` with ``SimpleTrainer`` (or ``AMPTrainer``) and detectron2's hooks:
+    LR schedule, periodic checkpoints, evaluation every ``train.eval_period`` and at the end,
+    metrics writers.
+
+    Args:
+        cfg (DictConfig): the config, see the module docstring.
+        resume (bool): continue from the last checkpoint of ``train.output_dir`` if there is
+            one; otherwise ``train.init_checkpoint`` initialises the model (the student alone
+            for a distiller, unless it is a distiller checkpoint).
+    """
+    model = instantiate(cfg.model)
+    logger.info("Model:\n{}".format(model))
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = DistillationCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+
+    load_checkpoint(
+        checkpointer, cfg.train.init_checkpoint, resume=resume, key="train.init_checkpoint"
+    )
+    # The checkpoint stores the iteration that just finished: start at the next one.
+    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args) -> Optional[Dict]:
+    """
+    ``train_net.py``'s entry point for a ``.py`` config: train, or with ``--eval-only``
+    evaluate ``train.init_checkpoint`` (or, with ``--resume``, the last checkpoint of
+    ``train.output_dir``).
+
+    Returns:
+        dict or None: the evaluation results with ``--eval-only``.
+    """
+    cfg = setup_lazy(args)
+    if not args.eval_only:
+        do_train(cfg, resume=args.resume)
+        return None
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    model = create_ddp_model(model)
+    checkpointer = DistillationCheckpointer(model, save_dir=cfg.train.output_dir)
+    load_checkpoint(
+        checkpointer, cfg.train.init_checkpoint, resume=args.resume, key="train.init_checkpoint"
+    )
+    return do_test(cfg, model)
