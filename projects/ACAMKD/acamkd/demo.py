@@ -1,0 +1,205 @@
+"""
+The embedded default: generate the street scenes, train a teacher, a student baseline and an
+ACAM-KD student with the same schedule and seed, evaluate all three with the COCO evaluator and
+write a model-zoo style table.
+
+Each stage is a plain ``train_net.py`` run in its own output folder (logs, ``metrics.json``,
+TensorBoard events, checkpoints), so an interrupted demo resumes where it stopped and every
+stage can be rerun by hand with the command it logs.
+"""
+
+import json
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+from .compare import METRICS, ModelSpec, _cell, compare_models
+from .data import generate_streets
+
+__all__ = ["Stage", "demo_stages", "run_demo", "read_training_log", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+_REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
+_CONFIGS = os.path.join("configs", "Streets-Detection")
+
+
+@dataclass
+class Stage:
+    """One training run of the demo."""
+
+    name: str  # folder name under the output directory and row label
+    label: str  # the row's description
+    config: str  # path relative to the repository
+    max_iter: int
+    opts: Sequence[str] = ()
+
+    def command(self, output_dir: str, extra_opts: Sequence[str] = ()) -> List[str]:
+        """The ``train_net.py`` command line of this stage (``--resume`` continues a stop)."""
+        return [
+            sys.executable,
+            os.path.join(_REPO, "train_net.py"),
+            "--config-file",
+            os.path.join(_REPO, self.config),
+            "--resume",
+            "OUTPUT_DIR",
+            os.path.join(output_dir, self.name),
+            "SOLVER.MAX_ITER",
+            str(self.max_iter),
+            "SOLVER.STEPS",
+            f"({int(self.max_iter * 0.8)},)",
+            "SOLVER.CHECKPOINT_PERIOD",
+            str(max(1, self.max_iter // 3)),
+            "DATASETS.TEST",
+            "()",  # the comparison evaluates all three stages the same way afterwards
+            *self.opts,
+            *extra_opts,
+        ]
+
+
+def demo_stages(
+    output_dir: str, teacher_iters: int, student_iters: int, extra_opts: Sequence[str] = ()
+) -> List[Stage]:
+    """
+    Teacher (R-50-FPN), student baseline (R-18-FPN) and ACAM-KD student (R-18-FPN).
+
+    Args:
+        extra_opts (list[str]): KEY VALUE overrides of every stage; the ACAM-KD stage also gives
+            them to its teacher, so that it is built as the teacher stage trained it.
+    """
+    teacher_weights = os.path.join(output_dir, "teacher", "model_final.pth")
+    return [
+        Stage(
+            "teacher",
+            "Teacher RetinaNet R-50-FPN",
+            os.path.join(_CONFIGS, "retinanet_R_50_FPN_streets.yaml"),
+            teacher_iters,
+        ),
+        Stage(
+            "student_baseline",
+            "Student RetinaNet R-18-FPN",
+            os.path.join(_CONFIGS, "retinanet_R_18_FPN_streets.yaml"),
+            student_iters,
+        ),
+        Stage(
+            "student_acamkd",
+            "Student R-18-FPN + ACAM-KD",
+            os.path.join(_CONFIGS, "acamkd_retinanet_R_18_from_R_50_streets.yaml"),
+            student_iters,
+            (
+                "MODEL.ACAMKD.TEACHER.WEIGHTS",
+                teacher_weights,
+                "MODEL.ACAMKD.TEACHER.OPTS",
+                repr(list(extra_opts)),
+            ),
+        ),
+    ]
+
+
+def read_training_log(output_dir: str) -> Dict[str, float]:
+    """
+    From a finished stage's ``metrics.json``: the median training seconds per iteration and
+    the last logged ACAM statistics (``acam/<level>/...``, distillers only).
+    """
+    path = os.path.join(output_dir, "metrics.json")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    times = [r["time"] for r in records if "time" in r]
+    out = {"train_s_per_iter": statistics.median(times) if times else float("nan")}
+    for r in reversed(records):  # the last training record holds the final mask statistics
+        if any(k.startswith("acam/") for k in r):
+            out.update({k: v for k, v in r.items() if k.startswith("acam/")})
+            break
+    return out
+
+
+def format_table(rows: List[Dict[str, object]], command: str) -> str:
+    """A model-zoo style Markdown table of the comparison rows plus training speed."""
+    head = ["model", *METRICS["bbox"], "params (M)", "GFLOPs", "train s/iter", "infer s/img"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], *(_cell(r["metrics"].get(k), 1) for k in METRICS["bbox"])]
+        cells += [
+            _cell(r["params_m"], 2),
+            _cell(r["gflops"], 2),
+            _cell(r["train_s_per_iter"], 3),
+            _cell(r["seconds_per_image"], 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Dataset: `{rows[0]['dataset']}` ({rows[0]['images']} images).", ""]
+    lines.append(f"Reproduce: `{command}`")
+    return "\n".join(lines)
+
+
+def run_demo(
+    output_dir: str,
+    *,
+    num_train: int = 240,
+    num_val: int = 60,
+    width: int = 320,
+    height: int = 160,
+    teacher_iters: int = 600,
+    student_iters: int = 300,
+    extra_opts: Sequence[str] = (),
+    command: str = "make demo",
+) -> str:
+    """
+    Run the whole demo and write ``results.md`` and ``results.json`` under ``output_dir``.
+
+    Args:
+        extra_opts (list[str]): KEY VALUE overrides given to every stage (e.g. to shrink).
+
+    Returns:
+        str: the Markdown table.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    start = time.perf_counter()
+    # Under $DETECTRON2_DATASETS (default ./datasets), where the streets_* names point.
+    generate_streets(num_train=num_train, num_val=num_val, width=width, height=height)
+    stages = demo_stages(output_dir, teacher_iters, student_iters, extra_opts)
+    seconds = {}
+    for stage in stages:
+        stage_dir = os.path.join(output_dir, stage.name)
+        cmd = stage.command(output_dir, extra_opts)
+        t0 = time.perf_counter()
+        if os.path.isfile(os.path.join(stage_dir, "model_final.pth")):
+            logger.info("[%s] already trained in %s: skipped", stage.name, stage_dir)
+        else:
+            logger.info("[%s] %s", stage.name, shlex.join(cmd))
+            subprocess.run(cmd, check=True, cwd=_REPO)
+        seconds[stage.name] = time.perf_counter() - t0
+    specs = [
+        ModelSpec(
+            s.name,
+            os.path.join(_REPO, s.config),
+            os.path.join(output_dir, s.name, "model_final.pth"),
+            [*s.opts, *extra_opts],
+        )
+        for s in stages
+    ]
+    rows = compare_models(specs, dataset="streets_coco_val", output_dir=output_dir)
+    for stage, row in zip(stages, rows):
+        row.update(label=stage.label, **read_training_log(os.path.join(output_dir, stage.name)))
+    table = format_table(rows, command)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(
+            {
+                "rows": rows,
+                "stage_seconds": seconds,
+                "total_seconds": time.perf_counter() - start,
+                "command": command,
+            },
+            f,
+            indent=2,
+        )
+    return table

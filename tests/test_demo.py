@@ -1,0 +1,62 @@
+"""A shrunk demo runs end to end (generate, train three models, compare) and writes its table."""
+
+import json
+import os
+import subprocess
+import sys
+
+from acamkd.demo import demo_stages, read_training_log
+
+from tiny_models import REPO
+
+SHRINK = [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "1",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def test_acamkd_stage_builds_its_teacher_as_the_teacher_stage_trained_it(tmp_path):
+    teacher, baseline, acamkd = demo_stages(str(tmp_path), 10, 5, SHRINK)
+    assert (teacher.max_iter, baseline.max_iter, acamkd.max_iter) == (10, 5, 5)
+    opts = dict(zip(acamkd.opts[::2], acamkd.opts[1::2]))
+    assert opts["MODEL.ACAMKD.TEACHER.WEIGHTS"].endswith(os.path.join("teacher", "model_final.pth"))
+    assert eval(opts["MODEL.ACAMKD.TEACHER.OPTS"]) == SHRINK
+    cmd = baseline.command(str(tmp_path), SHRINK)
+    assert cmd[cmd.index("DATASETS.TEST") + 1] == "()" and "--resume" in cmd
+
+
+def test_shrunk_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    args = ["--num-train", "4", "--num-val", "2", "--width", "128", "--height", "64"]
+    args += ["--teacher-iters", "2", "--student-iters", "2", "--output-dir", str(out)]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "demo.py"), *args, *SHRINK],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = (out / "results.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 4  # header + 3 models
+    for label in ("Teacher RetinaNet R-50-FPN", "Student RetinaNet R-18-FPN", "ACAM-KD"):
+        assert label in table and label in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == {"teacher", "student_baseline", "student_acamkd"}
+    assert rows["teacher"]["params_m"] > rows["student_baseline"]["params_m"]
+    # The distilled student deploys exactly the baseline's architecture.
+    assert rows["student_acamkd"]["params_m"] == rows["student_baseline"]["params_m"]
+    assert all(set(r["metrics"]) >= {"AP", "AP50"} for r in rows.values())
+    for stage in rows:  # every stage left a normal detectron2 output folder
+        assert (out / stage / "model_final.pth").is_file()
+        assert list((out / stage).glob("events.out.tfevents.*"))
+    log = read_training_log(str(out / "student_acamkd"))
+    assert log["train_s_per_iter"] > 0 and "acam/p3/spatial_mask_coverage" in log
