@@ -9,7 +9,7 @@ model-zoo name) plus a checkpoint, optionally followed by overrides in the confi
         --model teacher COCO-Detection/retinanet_R_101_FPN_3x.yaml \\
             detectron2://COCO-Detection/retinanet_R_101_FPN_3x/190397697/model_final_971ab9.pkl \\
         --model baseline configs/COCO-Detection/retinanet_R_50_FPN_2x.py \\
-            output/retinanet_R_50_FPN_2x/model_final.pth train.device=cpu \\
+            output/retinanet_R_50_FPN_2x/model_final.pth model.test_score_thresh=0.05 \\
         --model acamkd configs/COCO-Detection/acamkd_retinanet_R_50_from_R_101_FPN_2x.yaml \\
             output/acamkd_retinanet/model_final.pth
 
