@@ -32,7 +32,6 @@ from acamkd import get_acamkd_cfg
 from acamkd.data import add_register_coco_argument, register_coco_datasets
 from acamkd.visualization import load_images, visualize_checkpoints
 
-
 # A config key such as MODEL.DEVICE: where the file lists of --checkpoints/--images end and the
 # trailing KEY VALUE overrides begin (argparse would take them as more files).
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")

@@ -188,7 +188,12 @@ def level_rows(model: ACAMDistiller, x: dict, input_format: str) -> List[MaskRow
     One figure row per level for one image (labelled by the level).
 
     Args:
+        model (ACAMDistiller): the distiller, unwrapped.
         x (dict): a per-image dict with "image" (3, h, w) in ``input_format``.
+        input_format (str): INPUT.FORMAT of the student, e.g. "BGR".
+
+    Returns:
+        list[MaskRow]: one per distilled level, in the model's order.
     """
     image = image_to_rgb(x["image"], input_format)
     levels = compute_level_maps(model, [x])[0]
@@ -479,7 +484,7 @@ def _draw_row(fig: Figure, layout: _Layout, r: int, row: MaskRow, stretch_masks:
     fig.text(
         0.1 / layout.width,
         layout.row_center(r),
-        f"{row.label}\n\nspatial masks\nmean {stats['spatial_mask_mean']:.3f}\n"
+        f"{row.label}\n\nspatial masks\nmean {stats['spatial_mask_mean']:.3g}\n"
         f"cover {stats['spatial_mask_coverage']:.3f}\ndice {stats['spatial_mask_dice']:.3f}\n"
         f"corr(mask, D²) {stats['mask_discrepancy_corr']:+.2f}",
         ha="left",
@@ -508,7 +513,7 @@ def _draw_row(fig: Figure, layout: _Layout, r: int, row: MaskRow, stretch_masks:
             ys = (np.arange(mask.shape[0]) + 0.5) * maps.extent[1] / mask.shape[0]
             xs = (np.arange(mask.shape[1]) + 0.5) * maps.extent[0] / mask.shape[1]
             ax.contour(xs, ys, mask, levels=[0.5], colors="white", linewidths=0.7)
-        _finish(ax, w, h, f"mask {m}\nmean {mask.mean():.3f}  [{mask.min():.3f}, {mask.max():.3f}]")
+        _finish(ax, w, h, f"mask {m}\nmean {mask.mean():.3g}  [{mask.min():.3g}, {mask.max():.3g}]")
     cax = fig.add_axes(layout.colorbar(r, 0, num_masks, max_width=2 * layout.panel_w))
     _colorbar(fig, im, cax, "mask value")
 
@@ -545,7 +550,7 @@ def _draw_row(fig: Figure, layout: _Layout, r: int, row: MaskRow, stretch_masks:
     ax.tick_params(labelsize=_FONT - 1, length=2)
     ax.set_title(
         f"channel masks (M x C = {num_masks} x {maps.channel.shape[1]})\n"
-        f"mean {stats['channel_mask_mean']:.3f}  cover {stats['channel_mask_coverage']:.3f}  "
+        f"mean {stats['channel_mask_mean']:.3g}  cover {stats['channel_mask_coverage']:.3f}  "
         f"dice {stats['channel_mask_dice']:.3f}",
         fontsize=_FONT,
     )

@@ -76,7 +76,7 @@ class MaskVisualizationHook(HookBase):
         rows = level_rows(model, self._inputs[0], self._cfg.INPUT.FORMAT)
         figure = render_mask_figure(
             rows,
-            f"ACAM masks after iteration {iteration}",
+            f"ACAM masks after {iteration} iterations",
             panel_width=self._panel_width,
             dpi=self._dpi,
         )
