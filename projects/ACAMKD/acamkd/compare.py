@@ -21,7 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,7 +37,14 @@ from .lazy import build_dataset_evaluator, skip_teacher_weights
 from .modeling import ACAMDistiller
 from .modeling.teacher import get_acamkd_cfg, resolve_config_file
 
-__all__ = ["ModelSpec", "compare_models", "evaluate_model", "format_markdown", "METRICS"]
+__all__ = [
+    "ModelSpec",
+    "compare_models",
+    "evaluate_model",
+    "format_markdown",
+    "json_safe",
+    "METRICS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -195,18 +202,23 @@ def _cell(value: Optional[float], digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def format_markdown(rows: Sequence[Dict[str, object]]) -> str:
+def format_markdown(
+    rows: Sequence[Dict[str, object]], extra_columns: Sequence[Tuple[str, str, int]] = ()
+) -> str:
     """
     The rows of :func:`compare_models` as a Markdown table.
 
     Args:
         rows (list[dict]): what :func:`evaluate_model` returns, all of one task.
+        extra_columns (list[tuple[str, str, int]]): more columns at the end, as (header, row
+            key, decimals), e.g. ``("train s/iter", "train_s_per_iter", 3)``.
 
     Returns:
         str: the table, with a heading line naming the dataset.
     """
     task = rows[0]["task"]
     head = ["model", "config"] + METRICS[task] + ["params (M)", "GFLOPs", "s / image"]
+    head += [header for header, _, _ in extra_columns]
     lines = [
         f"Dataset: `{rows[0]['dataset']}` ({rows[0]['images']} images)",
         "",
@@ -221,17 +233,19 @@ def format_markdown(rows: Sequence[Dict[str, object]]) -> str:
             _cell(row["gflops"], 1),
             _cell(row["seconds_per_image"], 3),
         ]
+        cells += [_cell(row.get(key), digits) for _, key, digits in extra_columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(value):
+def json_safe(value):
+    """``value`` with NaN floats (also nested in dicts and lists) replaced by None."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -277,6 +291,6 @@ def compare_models(
     with open(os.path.join(output_dir, "comparison.md"), "w") as f:
         f.write(table)
     with open(os.path.join(output_dir, "comparison.json"), "w") as f:
-        json.dump(_json_safe(rows), f, indent=2)
+        json.dump(json_safe(rows), f, indent=2)
     logger.info("Comparison on %s:\n%s", rows[0]["dataset"], table)
     return rows

@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from .compare import METRICS, ModelSpec, _cell, compare_models
+from .compare import ModelSpec, compare_models, format_markdown, json_safe
 from .data import generate_streets
 
-__all__ = ["Stage", "demo_stages", "run_demo", "read_training_log", "format_table"]
+__all__ = ["Stage", "demo_stages", "run_demo", "read_training_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ _CONFIGS = os.path.join("configs", "Streets-Detection")
 class Stage:
     """One training run of the demo."""
 
-    name: str  # folder name under the output directory and row label
-    label: str  # the row's description
+    name: str  # its folder under the output directory and its row in the table
     config: str  # path relative to the repository
     max_iter: int
     opts: Sequence[str] = ()
@@ -79,19 +78,16 @@ def demo_stages(
     return [
         Stage(
             "teacher",
-            "Teacher RetinaNet R-50-FPN",
             os.path.join(_CONFIGS, "retinanet_R_50_FPN_streets.yaml"),
             teacher_iters,
         ),
         Stage(
             "student_baseline",
-            "Student RetinaNet R-18-FPN",
             os.path.join(_CONFIGS, "retinanet_R_18_FPN_streets.yaml"),
             student_iters,
         ),
         Stage(
             "student_acamkd",
-            "Student R-18-FPN + ACAM-KD",
             os.path.join(_CONFIGS, "acamkd_retinanet_R_18_from_R_50_streets.yaml"),
             student_iters,
             (
@@ -119,24 +115,6 @@ def read_training_log(output_dir: str) -> Dict[str, float]:
             out.update({k: v for k, v in r.items() if k.startswith("acam/")})
             break
     return out
-
-
-def format_table(rows: List[Dict[str, object]], command: str) -> str:
-    """A model-zoo style Markdown table of the comparison rows plus training speed."""
-    head = ["model", *METRICS["bbox"], "params (M)", "GFLOPs", "train s/iter", "infer s/img"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["label"], *(_cell(r["metrics"].get(k), 1) for k in METRICS["bbox"])]
-        cells += [
-            _cell(r["params_m"], 2),
-            _cell(r["gflops"], 2),
-            _cell(r["train_s_per_iter"], 3),
-            _cell(r["seconds_per_image"], 3),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Dataset: `{rows[0]['dataset']}` ({rows[0]['images']} images).", ""]
-    lines.append(f"Reproduce: `{command}`")
-    return "\n".join(lines)
 
 
 def run_demo(
@@ -187,14 +165,15 @@ def run_demo(
     ]
     rows = compare_models(specs, dataset="streets_coco_val", output_dir=output_dir)
     for stage, row in zip(stages, rows):
-        row.update(label=stage.label, **read_training_log(os.path.join(output_dir, stage.name)))
-    table = format_table(rows, command)
+        row.update(read_training_log(os.path.join(output_dir, stage.name)))
+    table = format_markdown(rows, extra_columns=[("train s/iter", "train_s_per_iter", 3)])
+    table += f"\nReproduce: `{command}`\n"
     with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(
             {
-                "rows": rows,
+                "rows": json_safe(rows),
                 "stage_seconds": seconds,
                 "total_seconds": time.perf_counter() - start,
                 "command": command,
