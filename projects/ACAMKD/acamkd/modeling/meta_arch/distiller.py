@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectron2.config import CfgNode, configurable
+from detectron2.layers import ASPP
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import get_event_storage
 
@@ -136,6 +137,7 @@ class ACAMDistiller(nn.Module):
             t_shapes, s_shapes = teacher.backbone.output_shape(), student.backbone.output_shape()
             channels = {k: (t_shapes[k].channels, s_shapes[k].channels) for k in levels}
         else:
+            _check_teacher_crop(scfg, tcfg, teacher)
             t_classes = tcfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
             s_classes = scfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
             if t_classes != s_classes:
@@ -317,6 +319,46 @@ class ACAMDistiller(nn.Module):
             for (level, name), value in losses.items():
                 scalars[f"acam/{level}/share_{name.replace('loss_acam_', '')}"] = value / total
         storage.put_scalars(**scalars)
+
+
+def _check_teacher_crop(scfg: CfgNode, tcfg: CfgNode, teacher: nn.Module) -> None:
+    """
+    A DeepLab head with INPUT.CROP enabled builds its ASPP image pooling with a fixed kernel,
+    ``INPUT.CROP.SIZE / output stride`` (a global pool on its own training crops), and then runs
+    only on feature grids that kernel divides. The distiller feeds the teacher the student's
+    (padded) training images, so a teacher with such a head must have the student's crop.
+
+    Args:
+        scfg (CfgNode): the student's config.
+        tcfg (CfgNode): the teacher's config.
+        teacher (nn.Module): the teacher built from ``tcfg``.
+
+    Raises:
+        ValueError: naming the override that fixes it.
+    """
+    kernels = [
+        tuple(m.pool_kernel_size)
+        for m in teacher.sem_seg_head.modules()
+        if isinstance(m, ASPP) and m.pool_kernel_size is not None
+    ]
+    if not kernels:
+        return
+    s_crop, t_crop = scfg.INPUT.CROP, tcfg.INPUT.CROP
+    student_crop = tuple(s_crop.SIZE) if s_crop.ENABLED and s_crop.TYPE == "absolute" else None
+    if student_crop == tuple(t_crop.SIZE):
+        return
+    if student_crop:
+        seen = f"{student_crop} crops"
+        fix = f"['INPUT.CROP.SIZE', '({student_crop[0]}, {student_crop[1]})']"
+    else:  # a global pool (no fixed kernel) takes images of any size
+        seen = "uncropped images (INPUT.CROP disabled or not 'absolute')"
+        fix = "['INPUT.CROP.ENABLED', 'False']"
+    raise ValueError(
+        f"The teacher's ASPP image pooling has a fixed kernel {kernels[0]}, from its "
+        f"INPUT.CROP.SIZE {tuple(t_crop.SIZE)}, but the student trains on {seen}: the teacher "
+        f"would not run on the student's images. Set MODEL.ACAMKD.TEACHER.OPTS {fix}; the "
+        "pooling has no weights, so the teacher's checkpoint still loads."
+    )
 
 
 def _shared_levels(student: nn.Module, teacher: nn.Module, requested: List[str]) -> List[str]:
