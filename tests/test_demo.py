@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from acamkd.demo import demo_stages, read_training_log
 
 from tiny_models import REPO
@@ -29,6 +31,50 @@ def test_acamkd_stage_builds_its_teacher_as_the_teacher_stage_trained_it(tmp_pat
     assert eval(opts["MODEL.ACAMKD.TEACHER.OPTS"]) == SHRINK
     cmd = baseline.command(str(tmp_path), SHRINK)
     assert cmd[cmd.index("DATASETS.TEST") + 1] == "()" and "--resume" in cmd
+
+
+def test_segmentation_stages_pair_the_wide_teacher_with_the_baseline_student(tmp_path):
+    teacher, baseline, acamkd = demo_stages(str(tmp_path), 10, 5, task="segmentation")
+    assert "Streets-SemanticSegmentation" in teacher.config
+    assert acamkd.config.endswith(
+        "acamkd_deeplabv3_R_18_OS8_from_deeplabv3_R_18_wide_OS8_streets.yaml"
+    )
+    with pytest.raises(ValueError, match="Unknown demo task 'panoptic'"):
+        demo_stages(str(tmp_path), 1, 1, task="panoptic")
+
+
+SEG_SHRINK = [
+    "INPUT.MIN_SIZE_TRAIN", "(64, 128)",  # a range, as the config samples it
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "INPUT.CROP.SIZE", "(64, 128)",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "1",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def test_shrunk_segmentation_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo_seg"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    args = ["--task", "segmentation", "--num-train", "4", "--num-val", "2"]
+    args += ["--width", "128", "--height", "64", "--output-dir", str(out)]
+    args += ["--teacher-iters", "4", "--student-iters", "4"]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "demo.py"), *args, *SEG_SHRINK],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert all(
+        r["task"] == "sem_seg" and set(r["metrics"]) == {"mIoU", "pACC"} for r in rows.values()
+    )
+    assert rows["teacher"]["params_m"] > rows["student_acamkd"]["params_m"]
+    assert "| mIoU | pACC |" in (out / "results.md").read_text()
 
 
 def test_shrunk_demo_end_to_end(tmp_path):

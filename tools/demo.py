@@ -8,7 +8,10 @@ Generates the street scenes under $DETECTRON2_DATASETS (default ./datasets), tra
 R-50-FPN teacher, a R-18-FPN student baseline and a R-18-FPN ACAM-KD student with the same
 schedule and seed, evaluates the three with the COCO evaluator, and prints and saves
 (results.md, results.json) a model-zoo style table. Rerunning it skips finished stages and
-resumes an interrupted one.
+resumes an interrupted one. `--task segmentation` does the same for DeepLabV3 on the
+Cityscapes-layout copy of the scenes (mIoU):
+
+    python tools/demo.py --task segmentation --output-dir output/demo_seg
 """
 import argparse
 import logging
@@ -25,12 +28,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output-dir", default="output/demo")
+    parser.add_argument(
+        "--task",
+        choices=["detection", "segmentation"],
+        default="detection",
+        help="detection: RetinaNet R-50 -> R-18, COCO AP; segmentation: DeepLabV3, mIoU",
+    )
     parser.add_argument("--num-train", type=int, default=240, help="generated training images")
     parser.add_argument("--num-val", type=int, default=60, help="generated validation images")
     parser.add_argument("--width", type=int, default=320, help="generated image width")
     parser.add_argument("--height", type=int, default=160, help="generated image height")
-    parser.add_argument("--teacher-iters", type=int, default=600)
-    parser.add_argument("--student-iters", type=int, default=300)
+    parser.add_argument("--teacher-iters", type=int, default=300)
+    parser.add_argument("--student-iters", type=int, default=180)
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every training stage"
     )
@@ -46,6 +55,7 @@ def main() -> None:
         teacher_iters=args.teacher_iters,
         student_iters=args.student_iters,
         extra_opts=args.opts,
+        task=args.task,
         command=shlex.join(["python", *sys.argv]),
     )
     print(table)

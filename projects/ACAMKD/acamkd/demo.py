@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 _REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 )
-_CONFIGS = os.path.join("configs", "Streets-Detection")
 
 
 @dataclass
@@ -64,31 +63,55 @@ class Stage:
         ]
 
 
+# Per task: the stages' configs (teacher, student baseline, ACAM-KD student) and the dataset
+# all three are compared on.
+_TASKS = {
+    "detection": (
+        os.path.join("configs", "Streets-Detection"),
+        (
+            "retinanet_R_50_FPN_streets.yaml",
+            "retinanet_R_18_FPN_streets.yaml",
+            "acamkd_retinanet_R_18_from_R_50_streets.yaml",
+        ),
+        "streets_coco_val",
+    ),
+    "segmentation": (
+        os.path.join("configs", "Streets-SemanticSegmentation"),
+        (
+            "deeplabv3_R_18_wide_OS8_streets.yaml",
+            "deeplabv3_R_18_OS8_streets.yaml",
+            "acamkd_deeplabv3_R_18_OS8_from_deeplabv3_R_18_wide_OS8_streets.yaml",
+        ),
+        "streets_sem_seg_val",
+    ),
+}
+
+
 def demo_stages(
-    output_dir: str, teacher_iters: int, student_iters: int, extra_opts: Sequence[str] = ()
+    output_dir: str,
+    teacher_iters: int,
+    student_iters: int,
+    extra_opts: Sequence[str] = (),
+    task: str = "detection",
 ) -> List[Stage]:
     """
-    Teacher (R-50-FPN), student baseline (R-18-FPN) and ACAM-KD student (R-18-FPN).
+    Teacher, student baseline and ACAM-KD student of ``task``: RetinaNet R-50-FPN -> R-18-FPN
+    for "detection", DeepLabV3 wide R-18 -> R-18 for "segmentation".
 
     Args:
         extra_opts (list[str]): KEY VALUE overrides of every stage; the ACAM-KD stage also gives
             them to its teacher, so that it is built as the teacher stage trained it.
     """
+    if task not in _TASKS:
+        raise ValueError(f"Unknown demo task {task!r}; expected one of {sorted(_TASKS)}.")
+    folder, (teacher, baseline, acamkd), _ = _TASKS[task]
     teacher_weights = os.path.join(output_dir, "teacher", "model_final.pth")
     return [
-        Stage(
-            "teacher",
-            os.path.join(_CONFIGS, "retinanet_R_50_FPN_streets.yaml"),
-            teacher_iters,
-        ),
-        Stage(
-            "student_baseline",
-            os.path.join(_CONFIGS, "retinanet_R_18_FPN_streets.yaml"),
-            student_iters,
-        ),
+        Stage("teacher", os.path.join(folder, teacher), teacher_iters),
+        Stage("student_baseline", os.path.join(folder, baseline), student_iters),
         Stage(
             "student_acamkd",
-            os.path.join(_CONFIGS, "acamkd_retinanet_R_18_from_R_50_streets.yaml"),
+            os.path.join(folder, acamkd),
             student_iters,
             (
                 "MODEL.ACAMKD.TEACHER.WEIGHTS",
@@ -124,9 +147,10 @@ def run_demo(
     num_val: int = 60,
     width: int = 320,
     height: int = 160,
-    teacher_iters: int = 600,
-    student_iters: int = 300,
+    teacher_iters: int = 300,
+    student_iters: int = 180,
     extra_opts: Sequence[str] = (),
+    task: str = "detection",
     command: str = "make demo",
 ) -> str:
     """
@@ -134,6 +158,7 @@ def run_demo(
 
     Args:
         extra_opts (list[str]): KEY VALUE overrides given to every stage (e.g. to shrink).
+        task (str): "detection" (COCO box AP) or "segmentation" (mIoU), see :data:`_TASKS`.
 
     Returns:
         str: the Markdown table.
@@ -142,7 +167,7 @@ def run_demo(
     start = time.perf_counter()
     # Under $DETECTRON2_DATASETS (default ./datasets), where the streets_* names point.
     generate_streets(num_train=num_train, num_val=num_val, width=width, height=height)
-    stages = demo_stages(output_dir, teacher_iters, student_iters, extra_opts)
+    stages = demo_stages(output_dir, teacher_iters, student_iters, extra_opts, task)
     seconds = {}
     for stage in stages:
         stage_dir = os.path.join(output_dir, stage.name)
@@ -163,7 +188,7 @@ def run_demo(
         )
         for s in stages
     ]
-    rows = compare_models(specs, dataset="streets_coco_val", output_dir=output_dir)
+    rows = compare_models(specs, dataset=_TASKS[task][2], output_dir=output_dir)
     for stage, row in zip(stages, rows):
         row.update(read_training_log(os.path.join(output_dir, stage.name)))
     table = format_markdown(rows, extra_columns=[("train s/iter", "train_s_per_iter", 3)])

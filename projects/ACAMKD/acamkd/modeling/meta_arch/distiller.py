@@ -306,7 +306,7 @@ class ACAMDistiller(nn.Module):
             for name, value in out.stats.items():
                 scalars[f"acam/{level}/{name}"] = float(value)
             for name, value in out.losses.items():
-                scalars[f"acam/{level}/{name}"] = float(value)
+                scalars[f"acam/{level}/{name}"] = float(value.detach())
         # Each level's part of the total ACAM loss (all levels, all three terms): the shares
         # sum to 1 and show which level and which term drive the distillation.
         losses = {
