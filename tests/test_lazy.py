@@ -26,7 +26,7 @@ from acamkd.checkpoint import load_checkpoint
 from acamkd.compare import METRICS, ModelSpec, compare_models
 from acamkd.lazy import build_acam_levels, build_lazy_teacher
 
-from tiny_models import REPO, distill_cfg, plain_cfg, register_tiny_dataset
+from tiny_models import REPO, assert_same_network, distill_cfg, plain_cfg, register_tiny_dataset
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
 DEMO = os.path.join(REPO, "configs", "Streets-Detection", "acamkd_retinanet_R_18_from_R_50_streets")
@@ -128,18 +128,7 @@ def test_yaml_and_lazy_twins_build_the_same_model(name, full_teacher):
     lcfg = LazyConfig.load(base + ".py")
     _random_teacher(lcfg, teacher_opts)
     from_lazy = instantiate(lcfg.model)
-
-    def layout(model):
-        params = {k: (tuple(v.shape), v.requires_grad) for k, v in model.named_parameters()}
-        return params, {k: tuple(v.shape) for k, v in model.named_buffers()}
-
-    assert layout(from_yaml) == layout(from_lazy)
-    for attr in ("distill_target", "student_input_format", "teacher_input_format", "logits_grid"):
-        assert getattr(from_yaml, attr) == getattr(from_lazy, attr)
-    # By name: for FCOS the YAML builds acamkd's subclass, LazyConfig detectron2's own class.
-    assert [type(m).__name__ for m in from_yaml.modules()] == [
-        type(m).__name__ for m in from_lazy.modules()
-    ]
+    assert_same_network(from_yaml, from_lazy)
 
 
 def test_build_acam_levels_per_level_channels_and_errors():

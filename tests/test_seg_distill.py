@@ -21,7 +21,7 @@ from acamkd import DistillationTrainer, get_acamkd_cfg
 from acamkd.evaluation import build_evaluator
 from acamkd.modeling.teacher import build_teacher_cfg
 
-from tiny_models import REPO
+from tiny_models import REPO, assert_same_network
 
 CITYSCAPES = os.path.join(REPO, "configs", "Cityscapes-SemanticSegmentation")
 STREETS = os.path.join(REPO, "configs", "Streets-SemanticSegmentation")
@@ -201,17 +201,7 @@ def test_yaml_and_lazy_twins_build_the_same_model(student):
     lcfg.model.teacher.weights = ""
     lcfg.model.teacher.allow_random_init = True
     from_lazy = instantiate(lcfg.model)
-
-    def layout(model):
-        params = {k: (tuple(v.shape), v.requires_grad) for k, v in model.named_parameters()}
-        return params, {k: tuple(v.shape) for k, v in model.named_buffers()}
-
-    assert layout(from_yaml) == layout(from_lazy)
-    for attr in ("distill_target", "student_input_format", "teacher_input_format", "logits_grid"):
-        assert getattr(from_yaml, attr) == getattr(from_lazy, attr)
-    assert [type(m).__name__ for m in from_yaml.modules()] == [
-        type(m).__name__ for m in from_lazy.modules()
-    ]
+    assert_same_network(from_yaml, from_lazy)
 
 
 # --- the streets configs ------------------------------------------------------------------

@@ -165,3 +165,18 @@ def register_tiny_dataset(name: str, root: str, num_images: int = 4) -> str:
     DatasetCatalog.register(name, lambda: records)
     MetadataCatalog.get(name).set(thing_classes=["red", "green"])
     return name
+
+
+def assert_same_network(a, b) -> None:
+    """Two distillers (e.g. built from a YAML and from its LazyConfig twin) are the same network:
+    parameter and buffer names, shapes and trainable flags, settings and module classes."""
+
+    def layout(model):
+        params = {k: (tuple(v.shape), v.requires_grad) for k, v in model.named_parameters()}
+        return params, {k: tuple(v.shape) for k, v in model.named_buffers()}
+
+    assert layout(a) == layout(b)
+    for attr in ("distill_target", "student_input_format", "teacher_input_format", "logits_grid"):
+        assert getattr(a, attr) == getattr(b, attr)
+    # By name: for FCOS the YAML builds acamkd's subclass, LazyConfig detectron2's own class.
+    assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
