@@ -1,7 +1,10 @@
-"""Training hooks that show what the ACAM masks do: a TensorBoard figure and a console table."""
+"""
+Training hooks that show what the ACAM masks do: a TensorBoard figure, a console table and a
+warning when a level's masks collapse.
+"""
 
 import logging
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -12,8 +15,9 @@ from detectron2.utils.events import EventWriter, get_event_storage
 
 from ..modeling.meta_arch.distiller import ACAMDistiller
 from ..visualization import level_rows, load_images, render_mask_figure
+from .mask_collapse import COLLAPSE_HIGH, COLLAPSE_LOW, COLLAPSE_PATIENCE, MaskCollapseGuard
 
-__all__ = ["ACAMStatsPrinter", "MaskVisualizationHook", "unwrap_distiller"]
+__all__ = ["ACAMStatsPrinter", "MaskCollapseHook", "MaskVisualizationHook", "unwrap_distiller"]
 
 # Logged where detectron2's CommonMetricPrinter logs, so the table lands in the same console
 # and log.txt (default_setup only configures the "detectron2" and "fvcore" loggers).
@@ -128,3 +132,79 @@ class ACAMStatsPrinter(EventWriter):
                     fields.append(f"{title} " + "/".join(f"{v:.3f}" for v in values))
             if fields:
                 _logger.info(f" acam {level}: " + "  ".join(fields))
+
+
+def acam_settings(model: nn.Module) -> Dict[str, object]:
+    """
+    Args:
+        model (nn.Module): the trained model, DistributedDataParallel or not.
+
+    Returns:
+        dict[str, object]: the distiller's NORMALIZER, MASK_OBJECTIVE and
+        DETACH_STUDENT_IN_MASKS (as set on its ACAM levels); empty for other models.
+    """
+    distiller = unwrap_distiller(model)
+    if distiller is None or len(distiller.acam) == 0:
+        return {}
+    level = next(iter(distiller.acam.values()))
+    names = (
+        ("NORMALIZER", "normalizer"),
+        ("MASK_OBJECTIVE", "mask_objective"),
+        ("DETACH_STUDENT_IN_MASKS", "detach_student_in_masks"),
+    )
+    return {key: getattr(level, attr) for key, attr in names if hasattr(level, attr)}
+
+
+class MaskCollapseHook(HookBase):
+    """
+    Warns, once per level and mask kind, when a level's spatial or channel masks collapse
+    (:class:`acamkd.engine.mask_collapse.MaskCollapseGuard`): every ``period`` iterations and
+    at the last one, it reads the median over the period of each ``acam/<level>/...`` scalar
+    from the event storage and passes them to the guard. Runs without ACAM statistics (plain
+    detectors, the no-mask ablation) are never warned about.
+    """
+
+    def __init__(
+        self,
+        period: int = 20,
+        *,
+        low: float = COLLAPSE_LOW,
+        high: float = COLLAPSE_HIGH,
+        patience: int = COLLAPSE_PATIENCE,
+    ) -> None:
+        """
+        Args:
+            period (int): iterations between checks (detectron2's logging period).
+            low, high (float): bounds of a healthy mask mean.
+            patience (int): consecutive out-of-bounds checks before a warning (the last
+                iteration needs one).
+        """
+        if period < 1:
+            raise ValueError(f"MaskCollapseHook: period must be >= 1, got {period}")
+        self.period = period
+        self.low = low
+        self.high = high
+        self.patience = patience
+        self.guard: Optional[MaskCollapseGuard] = None
+
+    def before_train(self) -> None:
+        self.guard = MaskCollapseGuard(
+            low=self.low,
+            high=self.high,
+            patience=self.patience,
+            settings=acam_settings(self.trainer.model),
+            log=_logger,
+        )
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        final = next_iter >= self.trainer.max_iter
+        if self.guard is None or (next_iter % self.period and not final):
+            return
+        stats = {
+            key: float(history.median(self.period))
+            for key, history in self.trainer.storage.histories().items()
+            if key.startswith("acam/")
+        }
+        if stats:
+            self.guard.update(self.trainer.iter, stats, final=final)

@@ -23,6 +23,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import DistillationCheckpointer, load_checkpoint
 from ..lazy import skip_teacher_weights
+from .hooks import MaskCollapseHook
 from .trainer import create_ddp_model
 
 __all__ = ["is_lazy_config", "setup_lazy", "do_test", "do_train", "main"]
@@ -125,6 +126,7 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
                 if comm.is_main_process()
                 else None
             ),
+            MaskCollapseHook(period=cfg.train.log_period) if comm.is_main_process() else None,
         ]
     )
 

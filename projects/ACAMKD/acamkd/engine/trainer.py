@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
 from ..evaluation import build_evaluator
 from ..solver import build_lr_scheduler
-from .hooks import ACAMStatsPrinter, MaskVisualizationHook, unwrap_distiller
+from .hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook, unwrap_distiller
 
 __all__ = ["DistillationTrainer", "create_ddp_model", "is_semantic_segmentation"]
 
@@ -85,8 +85,9 @@ class DistillationTrainer(DefaultTrainer):
     - DDP works with a frozen teacher and on CPU processes;
     - evaluators follow the dataset's ``evaluator_type``; semantic segmentation uses the
       DeepLab project's augmentations and LR schedule;
-    - for a distiller, the per-level mask statistics are logged as a table, and every
-      ``VIS_PERIOD`` iterations a figure of the masks goes to TensorBoard.
+    - for a distiller, the per-level mask statistics are logged as a table, a warning names
+      any level whose masks collapse, and every ``VIS_PERIOD`` iterations a figure of the
+      masks goes to TensorBoard.
     """
 
     def __init__(self, cfg: CfgNode):
@@ -106,6 +107,8 @@ class DistillationTrainer(DefaultTrainer):
             writers = [i for i, h in enumerate(ret) if isinstance(h, PeriodicWriter)]
             at = writers[0] if writers else len(ret)
             ret.insert(at, MaskVisualizationHook(self.cfg, self.cfg.VIS_PERIOD))
+        if comm.is_main_process() and distiller:
+            ret.append(MaskCollapseHook())
         return ret
 
     def build_writers(self):
