@@ -1,8 +1,9 @@
 """Config keys of ACAM-KD, all under ``MODEL.ACAMKD``.
 
-Every ``[choice]`` of ``METHOD.md`` is a key here with the documented default, so the other
-reading can be run from YAML or the command line. Shared detectron2 defaults (INPUT, SOLVER,
-RESNETS, ...) are never changed here; that belongs in the YAML files under ``configs/``.
+Every reading the paper leaves open is a key here (``docs/METHOD.md`` lists them with their
+defaults and how each was chosen), so the other reading can be run from YAML or the command
+line. Shared detectron2 defaults (INPUT, SOLVER, RESNETS, ...) are never changed here; that
+belongs in the YAML files under ``configs/``.
 """
 from detectron2.config import CfgNode as CN
 
@@ -61,7 +62,7 @@ def add_acamkd_config(cfg: CN) -> None:
     _C.MODEL.ACAMKD.DETACH_STUDENT_IN_MASKS = False
     # How the mask generator treats the masked feature losses: "descend" (literal: minimise
     # them) or "ascend" (gradient reversal on the masks: masks seek where the student lags).
-    # The Dice diversity loss is minimised either way. See METHOD.md, "Known risk".
+    # The Dice diversity loss is minimised either way. See docs/METHOD.md, "Known risk".
     _C.MODEL.ACAMKD.MASK_OBJECTIVE = "descend"
     # Normaliser of the masked losses: "sum" (the mask's plain sum, as in MasKD) or "sum_sq"
     # (its sum of squares).

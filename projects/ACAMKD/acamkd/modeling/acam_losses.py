@@ -1,5 +1,6 @@
 """
-Losses and mask statistics of ACAM-KD (METHOD.md, "Losses" and "Known risk"), as pure functions.
+Losses and mask statistics of ACAM-KD (docs/METHOD.md, "Losses" and "Known risk"), as pure
+functions.
 
 Every loss is computed per image and then averaged over the batch. The masked losses never build
 the (B, M, C, H, W) product of masks and difference: the squared difference is first reduced

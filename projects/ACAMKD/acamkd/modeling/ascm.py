@@ -1,4 +1,4 @@
-"""ASCM: adaptive spatial-channel masks computed from the fused feature (METHOD.md, "ASCM")."""
+"""ASCM: adaptive spatial-channel masks from the fused feature (docs/METHOD.md, "ASCM")."""
 
 from typing import Tuple
 

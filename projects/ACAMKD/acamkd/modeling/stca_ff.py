@@ -1,4 +1,4 @@
-"""STCA-FF: student-teacher cross-attention feature fusion (METHOD.md, "STCA-FF")."""
+"""STCA-FF: student-teacher cross-attention feature fusion (docs/METHOD.md, "STCA-FF")."""
 
 import math
 
