@@ -28,6 +28,8 @@ from acamkd.engine.mask_collapse import (
     MaskCollapseGuard,
     collapsed_levels,
     is_collapsed,
+    is_collapsed_mean,
+    level_statistics,
     read_final_statistics,
 )
 
@@ -88,10 +90,10 @@ def _run(guard: MaskCollapseGuard, stream: List[Dict[str, float]], period: int =
 
 def test_rule_bounds():
     for collapsed in (9e-18, 2e-26, 3e-4, 1e-3, 1e-4, 0.006, 0.995):
-        assert is_collapsed(collapsed)
+        assert is_collapsed_mean(collapsed)
     for healthy in (0.3, 0.32, 0.45, 0.5, 0.6, COLLAPSE_LOW, 0.99):
-        assert not is_collapsed(healthy)
-    assert not is_collapsed(float("nan"))
+        assert not is_collapsed_mean(healthy)
+    assert not is_collapsed_mean(float("nan"))
 
 
 def test_demo_collapse_warns_exactly_once_per_level_and_kind():
@@ -217,6 +219,19 @@ def test_collapsed_levels_and_final_statistics_of_a_metrics_json(tmp_path):
     assert collapsed_levels(first) == {}
     assert collapsed_levels({"total_loss": 1.0}) == {}  # a plain detector, the no-mask row
     assert collapsed_levels({"acam/p3/spatial_mask_mean": 0.2}, low=0.25) == {"p3": ("spatial",)}
+    assert is_collapsed(final) and not is_collapsed(first) and not is_collapsed({})
+    # The study keeps per-level statistics as "<level>/<name>": the same rule applies.
+    per_level = {k.split("/", 1)[1]: v for k, v in final.items()}
+    assert collapsed_levels(per_level) == collapsed_levels(final) and is_collapsed(per_level)
+    assert level_statistics({"acam/p3/spatial_mask_mean": 0.4, "lr": 0.1, "p4/x": True}) == {
+        "p3": {"spatial_mask_mean": 0.4}
+    }
+
+
+def test_rule_is_importable_from_the_hooks_module():
+    from acamkd.engine import hooks
+
+    assert hooks.is_collapsed is is_collapsed and hooks.collapsed_levels is collapsed_levels
 
 
 class _ListHandler(logging.Handler):

@@ -15,9 +15,24 @@ from detectron2.utils.events import EventWriter, get_event_storage
 
 from ..modeling.meta_arch.distiller import ACAMDistiller
 from ..visualization import level_rows, load_images, render_mask_figure
-from .mask_collapse import COLLAPSE_HIGH, COLLAPSE_LOW, COLLAPSE_PATIENCE, MaskCollapseGuard
+from .mask_collapse import (
+    COLLAPSE_HIGH,
+    COLLAPSE_LOW,
+    COLLAPSE_PATIENCE,
+    MaskCollapseGuard,
+    collapsed_levels,
+    is_collapsed,
+)
 
-__all__ = ["ACAMStatsPrinter", "MaskCollapseHook", "MaskVisualizationHook", "unwrap_distiller"]
+__all__ = [
+    "ACAMStatsPrinter",
+    "MaskCollapseHook",
+    "MaskVisualizationHook",
+    "acam_settings",
+    "collapsed_levels",
+    "is_collapsed",
+    "unwrap_distiller",
+]
 
 # Logged where detectron2's CommonMetricPrinter logs, so the table lands in the same console
 # and log.txt (default_setup only configures the "detectron2" and "fvcore" loggers).

@@ -13,7 +13,8 @@ demo: 1e-4; a 40-iteration segmentation run: 0.45 -> 0.006), healthy masks (mean
 never do.
 
 Nothing here imports torch: the same rule marks collapsed runs in a study table from the last
-record of their ``metrics.json`` (:func:`collapsed_levels`, :func:`read_final_statistics`).
+record of their ``metrics.json`` (:func:`is_collapsed`, :func:`collapsed_levels`,
+:func:`read_final_statistics`).
 """
 
 import json
@@ -29,6 +30,7 @@ __all__ = [
     "MaskCollapse",
     "MaskCollapseGuard",
     "is_collapsed",
+    "is_collapsed_mean",
     "level_statistics",
     "collapsed_levels",
     "read_final_statistics",
@@ -55,8 +57,10 @@ _REMEDIES = (
 logger = logging.getLogger(__name__)
 
 
-def is_collapsed(mean: float, low: float = COLLAPSE_LOW, high: float = COLLAPSE_HIGH) -> bool:
+def is_collapsed_mean(mean: float, low: float = COLLAPSE_LOW, high: float = COLLAPSE_HIGH) -> bool:
     """
+    The rule on one number.
+
     Args:
         mean (float): the mean value of a level's spatial or channel masks.
         low, high (float): bounds of a healthy mean.
@@ -70,7 +74,8 @@ def is_collapsed(mean: float, low: float = COLLAPSE_LOW, high: float = COLLAPSE_
 
 def level_statistics(scalars: Mapping[str, float]) -> Dict[str, Dict[str, float]]:
     """
-    Group flat ``acam/<level>/<name>`` scalars by level; other keys are ignored.
+    Group per-level scalars by level. Keys are ``acam/<level>/<name>`` (as logged) or
+    ``<level>/<name>``; other keys and non-numeric values are ignored.
 
     Args:
         scalars (dict[str, float]): e.g. a ``metrics.json`` record or the latest values of the
@@ -82,8 +87,11 @@ def level_statistics(scalars: Mapping[str, float]) -> Dict[str, Dict[str, float]
     levels: Dict[str, Dict[str, float]] = {}
     for key, value in scalars.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == _PREFIX and isinstance(value, (int, float)):
-            levels.setdefault(parts[1], {})[parts[2]] = float(value)
+        if parts[0] == _PREFIX:
+            parts = parts[1:]
+        if len(parts) != 2 or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        levels.setdefault(parts[0], {})[parts[1]] = float(value)
     return levels
 
 
@@ -110,11 +118,29 @@ def collapsed_levels(
         kinds = tuple(
             kind
             for kind in MASK_KINDS
-            if f"{kind}_mask_mean" in stats and is_collapsed(stats[f"{kind}_mask_mean"], low, high)
+            if f"{kind}_mask_mean" in stats
+            and is_collapsed_mean(stats[f"{kind}_mask_mean"], low, high)
         )
         if kinds:
             out[level] = kinds
     return out
+
+
+def is_collapsed(
+    final_stats: Mapping[str, float], low: float = COLLAPSE_LOW, high: float = COLLAPSE_HIGH
+) -> bool:
+    """
+    Whether any level's spatial or channel masks have collapsed in one snapshot of the
+    statistics (see :func:`collapsed_levels`, which says which).
+
+    Args:
+        final_stats (dict[str, float]): ``acam/<level>/<name>`` or ``<level>/<name>`` scalars.
+        low, high (float): bounds of a healthy mean.
+
+    Returns:
+        bool: True if some ``<kind>_mask_mean`` lies outside ``[low, high]``.
+    """
+    return bool(collapsed_levels(final_stats, low, high))
 
 
 def read_final_statistics(metrics_path: str) -> Dict[str, float]:
@@ -210,7 +236,8 @@ class MaskCollapseGuard:
         Args:
             iteration (int): the iteration the statistics belong to.
             stats (dict[str, float]): flat ``acam/<level>/<name>`` scalars (other keys are
-                ignored); a kind missing from them keeps its count.
+                ignored, see :func:`level_statistics`); a kind missing from them keeps its
+                count.
             final (bool): the run's last check: any out-of-bounds kind is reported.
 
         Returns:
@@ -225,7 +252,7 @@ class MaskCollapseGuard:
                 if mean is None or (level, kind) in done:
                     continue
                 key = (level, kind)
-                if not is_collapsed(mean, self.low, self.high):
+                if not is_collapsed_mean(mean, self.low, self.high):
                     self._streak[key] = 0
                     continue
                 self._streak[key] = self._streak.get(key, 0) + 1
