@@ -47,6 +47,15 @@ def add_acamkd_config(cfg: CN) -> None:
     # weights wherever the shapes match (the log lists what was copied and what was skipped).
     _C.MODEL.ACAMKD.INHERIT_TEACHER = False
 
+    # The paper's ablation rows. Which masks weight the feature loss: "spatial_channel"
+    # (ACAM-KD), "spatial" or "channel" (only that loss and the Dice loss of those masks), or
+    # "none" (the "no mask" row: plain MSE ||D||^2 / (C*H*W) per level, no STCA-FF or ASCM
+    # parameters, no diversity loss).
+    _C.MODEL.ACAMKD.MASKS = "spatial_channel"
+    # What the masks are computed from: "fused" (ACAM-KD: the STCA-FF fusion of teacher and
+    # student) or "teacher" (the "teacher adaptive" row: the teacher feature alone, no STCA-FF,
+    # masks still learned online with the same losses).
+    _C.MODEL.ACAMKD.MASK_SOURCE = "fused"
     # Number M of spatial and of channel masks (paper: 6 for detection, 19 for segmentation).
     _C.MODEL.ACAMKD.NUM_MASKS = 6
     # STCA-FF query source: "teacher" (paper default: Q from the teacher, K and V from the

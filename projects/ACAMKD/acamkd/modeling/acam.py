@@ -11,6 +11,7 @@ from detectron2.config import configurable
 from .acam_losses import (
     NORMALIZERS,
     dice_diversity_loss,
+    feature_mse_loss,
     mask_discrepancy_correlation,
     mask_statistics,
     masked_channel_loss,
@@ -20,7 +21,14 @@ from .acam_losses import (
 from .ascm import AdaptiveSpatialChannelMasks
 from .stca_ff import STCAFusion
 
-__all__ = ["ACAMLevel", "ACAMOutput"]
+__all__ = ["ACAMLevel", "ACAMOutput", "MASK_KINDS", "MASK_SOURCES"]
+
+# MODEL.ACAMKD.MASKS: which masks weight the feature loss. "none" is the paper's "no mask" row
+# (plain MSE on D, no STCA-FF or ASCM parameters, no diversity loss).
+MASK_KINDS = ("spatial_channel", "spatial", "channel", "none")
+# MODEL.ACAMKD.MASK_SOURCE: what ASCM reads. "fused" is ACAM-KD (the STCA-FF output);
+# "teacher" is the paper's "teacher adaptive" row (the teacher feature, no STCA-FF).
+MASK_SOURCES = ("fused", "teacher")
 
 
 @dataclass
@@ -31,14 +39,17 @@ class ACAMOutput:
     Attributes:
         losses (dict[str, Tensor]): already weighted 0-dim losses "loss_acam_channel"
             (alpha * Lc), "loss_acam_spatial" (alpha * Ls) and "loss_acam_diversity"
-            (lambda * L_div).
+            (lambda * L_div), each only for the masks that exist; with no masks, only
+            "loss_acam_mse" (alpha * ||D||^2 / (C*H*W)).
         stats (dict[str, Tensor]): detached 0-dim statistics "spatial_mask_mean",
-            "spatial_mask_coverage", "spatial_mask_dice", "channel_mask_mean",
-            "channel_mask_coverage", "channel_mask_dice" and "mask_discrepancy_corr".
+            "spatial_mask_coverage", "spatial_mask_dice", "mask_discrepancy_corr" (with spatial
+            masks) and "channel_mask_mean", "channel_mask_coverage", "channel_mask_dice" (with
+            channel masks); empty with no masks.
         masks (dict[str, Tensor] or None): only when asked for, detached: "spatial"
-            (B, M, H, W), "channel" (B, M, C), "fused" (B, C, H, W), "teacher" (B, C, H, W),
-            "student" (B, C, H, W) the aligned student ``f_align(S)``, and "discrepancy"
-            (B, H, W), the per-position ``sum_c D^2``.
+            (B, M, H, W) and "channel" (B, M, C) where they exist, "fused" (B, C, H, W) what
+            ASCM read (the teacher feature for ``mask_source="teacher"``), "teacher"
+            (B, C, H, W), "student" (B, C, H, W) the aligned student ``f_align(S)``, and
+            "discrepancy" (B, H, W), the per-position ``sum_c D^2``.
     """
 
     losses: Dict[str, Tensor]
@@ -59,7 +70,8 @@ class ACAMLevel(nn.Module):
     the masks.
 
     The teacher feature is always detached. The masked losses are computed in float32, also
-    under autocast.
+    under autocast. ``masks`` and ``mask_source`` build the paper's ablation rows instead: fewer
+    masks, none (plain MSE), or masks read from the teacher feature alone.
     """
 
     @configurable
@@ -81,6 +93,8 @@ class ACAMLevel(nn.Module):
         diversity_weight: float = 1.0,
         mask_init_std: float = 0.01,
         dice_eps: float = 1e-6,
+        masks: str = "spatial_channel",
+        mask_source: str = "fused",
     ) -> None:
         """
         Args:
@@ -105,6 +119,8 @@ class ACAMLevel(nn.Module):
             diversity_weight (float): lambda, weight of the Dice diversity loss.
             mask_init_std (float): std of the normal init of m_s and m_c.
             dice_eps (float): added to the Dice denominator.
+            masks (str): the masks that weight the feature loss, one of :data:`MASK_KINDS`.
+            mask_source (str): what ASCM reads, one of :data:`MASK_SOURCES`.
         """
         super().__init__()
         _check_choice("QUERY_SOURCE", query_source, ("teacher", "student"))
@@ -113,6 +129,14 @@ class ACAMLevel(nn.Module):
         _check_choice("NORMALIZER", normalizer, NORMALIZERS)
         _check_choice("DIVERSITY_TARGETS", diversity_targets, ("both", "spatial"))
         _check_choice("ALIGN", align, ("always", "when_needed"))
+        _check_choice("MASKS", masks, MASK_KINDS)
+        _check_choice("MASK_SOURCE", mask_source, MASK_SOURCES)
+        if masks == "channel" and diversity_targets == "spatial":
+            raise ValueError(
+                "MODEL.ACAMKD.DIVERSITY_TARGETS 'spatial' needs spatial masks, but MASKS is "
+                "'channel': set DIVERSITY_TARGETS 'both' (the Dice loss then acts on the channel "
+                "masks) or MASKS 'spatial_channel'."
+            )
         if num_masks < 1:
             raise ValueError(f"MODEL.ACAMKD.NUM_MASKS must be >= 1, got {num_masks}")
         if query_channel_ratio <= 0:
@@ -134,20 +158,30 @@ class ACAMLevel(nn.Module):
         self.loss_weight = loss_weight
         self.diversity_weight = diversity_weight
         self.dice_eps = dice_eps
+        self.masks = masks
+        self.mask_source = mask_source
 
         if align == "always" or student_channels != teacher_channels:
             self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
         else:
             self.align = nn.Identity()
-        self.fusion = STCAFusion(
-            teacher_channels, query_channel_ratio=query_channel_ratio, query_source=query_source
-        )
-        self.ascm = AdaptiveSpatialChannelMasks(
-            teacher_channels,
-            num_masks=num_masks,
-            channel_mask_form=channel_mask_form,
-            init_std=mask_init_std,
-        )
+        # Only what the chosen row uses is built, so no parameter sits idle in the optimiser.
+        self.fusion = self.ascm = None
+        if masks != "none" and mask_source == "fused":
+            self.fusion = STCAFusion(
+                teacher_channels,
+                query_channel_ratio=query_channel_ratio,
+                query_source=query_source,
+            )
+        if masks != "none":
+            self.ascm = AdaptiveSpatialChannelMasks(
+                teacher_channels,
+                num_masks=num_masks,
+                channel_mask_form=channel_mask_form,
+                init_std=mask_init_std,
+                spatial=masks in ("spatial_channel", "spatial"),
+                channel=masks in ("spatial_channel", "channel"),
+            )
 
     @classmethod
     def from_config(cls, cfg, teacher_channels: int, student_channels: int) -> Dict:
@@ -168,6 +202,8 @@ class ACAMLevel(nn.Module):
             "diversity_weight": acam.DIVERSITY_WEIGHT,
             "mask_init_std": acam.MASK_INIT_STD,
             "dice_eps": acam.DICE_EPS,
+            "masks": acam.MASKS,
+            "mask_source": acam.MASK_SOURCE,
         }
 
     def forward(self, teacher: Tensor, student: Tensor, return_masks: bool = False) -> ACAMOutput:
@@ -184,54 +220,79 @@ class ACAMLevel(nn.Module):
         self._check_inputs(teacher, student)
         teacher = teacher.detach()
         aligned = self.align(student)
+        if self.ascm is None:
+            return self._forward_without_masks(teacher, aligned, return_masks)
 
-        mask_input = aligned.detach() if self.detach_student_in_masks else aligned
-        fused = self.fusion(teacher, mask_input)
+        if self.fusion is None:  # "teacher adaptive": the masks read the teacher alone
+            fused = teacher
+        else:
+            mask_input = aligned.detach() if self.detach_student_in_masks else aligned
+            fused = self.fusion(teacher, mask_input)
 
         # The masks and losses are cheap next to the attention; float32 keeps the sigmoid masks
         # near 0.5 and the squared differences exact under a float16/bfloat16 autocast.
         with torch.autocast(device_type=teacher.device.type, enabled=False):
             spatial_masks, channel_masks = self.ascm(fused.float())
             diff = teacher.float() - aligned.float()
-            if self.mask_objective == "ascend":
-                # The mask generator maximises the masked discrepancy; the student still
-                # minimises it through D, which the reversal does not touch.
-                feat_spatial, feat_channel = map(reverse_gradient, (spatial_masks, channel_masks))
-            else:
-                feat_spatial, feat_channel = spatial_masks, channel_masks
-            loss_channel = masked_channel_loss(diff, feat_channel, self.normalizer)
-            loss_spatial = masked_spatial_loss(diff, feat_spatial, self.normalizer)
-            loss_div = dice_diversity_loss(spatial_masks, self.dice_eps)
-            if self.diversity_targets == "both":
-                loss_div = loss_div + dice_diversity_loss(channel_masks, self.dice_eps)
-
-        losses = {
-            "loss_acam_channel": self.loss_weight * loss_channel,
-            "loss_acam_spatial": self.loss_weight * loss_spatial,
-            "loss_acam_diversity": self.diversity_weight * loss_div,
-        }
+            losses = {}
+            loss_div = diff.new_zeros(())
+            for kind, masks, masked_loss in (
+                ("channel", channel_masks, masked_channel_loss),
+                ("spatial", spatial_masks, masked_spatial_loss),
+            ):
+                if masks is None:
+                    continue
+                # "ascend": the mask generator maximises the masked discrepancy; the student
+                # still minimises it through D, which the reversal does not touch.
+                in_loss = reverse_gradient(masks) if self.mask_objective == "ascend" else masks
+                losses[f"loss_acam_{kind}"] = self.loss_weight * masked_loss(
+                    diff, in_loss, self.normalizer
+                )
+                if kind == "spatial" or self.diversity_targets == "both":
+                    loss_div = loss_div + dice_diversity_loss(masks, self.dice_eps)
+            losses["loss_acam_diversity"] = self.diversity_weight * loss_div
 
         with torch.no_grad():
             discrepancy = diff.detach().square().sum(dim=1)  # (B, H, W)
             stats = {}
             for name, masks in (("spatial", spatial_masks), ("channel", channel_masks)):
+                if masks is None:
+                    continue
                 for key, value in mask_statistics(masks, self.dice_eps).items():
                     stats[f"{name}_mask_{key}"] = value
-            stats["mask_discrepancy_corr"] = mask_discrepancy_correlation(
-                spatial_masks, discrepancy
-            )
+            if spatial_masks is not None:
+                stats["mask_discrepancy_corr"] = mask_discrepancy_correlation(
+                    spatial_masks, discrepancy
+                )
 
         masks_out = None
         if return_masks:
             masks_out = {
-                "spatial": spatial_masks.detach(),
-                "channel": channel_masks.detach(),
                 "fused": fused.detach(),
                 "teacher": teacher,
                 "student": aligned.detach(),
                 "discrepancy": discrepancy,
             }
+            for name, masks in (("spatial", spatial_masks), ("channel", channel_masks)):
+                if masks is not None:
+                    masks_out[name] = masks.detach()
         return ACAMOutput(losses=losses, stats=stats, masks=masks_out)
+
+    def _forward_without_masks(
+        self, teacher: Tensor, aligned: Tensor, return_masks: bool
+    ) -> ACAMOutput:
+        """The paper's "no mask" row: alpha * ||D||^2 / (C*H*W), no statistics."""
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            diff = teacher.float() - aligned.float()
+            losses = {"loss_acam_mse": self.loss_weight * feature_mse_loss(diff)}
+        masks_out = None
+        if return_masks:
+            masks_out = {
+                "teacher": teacher,
+                "student": aligned.detach(),
+                "discrepancy": diff.detach().square().sum(dim=1),
+            }
+        return ACAMOutput(losses=losses, stats={}, masks=masks_out)
 
     def _check_inputs(self, teacher: Tensor, student: Tensor) -> None:
         if teacher.dim() != 4 or student.dim() != 4:

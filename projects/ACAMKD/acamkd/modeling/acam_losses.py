@@ -16,6 +16,7 @@ __all__ = [
     "NORMALIZERS",
     "masked_channel_loss",
     "masked_spatial_loss",
+    "feature_mse_loss",
     "pairwise_dice",
     "dice_diversity_loss",
     "GradientReversal",
@@ -90,6 +91,19 @@ def masked_spatial_loss(diff: Tensor, spatial_masks: Tensor, normalizer: str = "
     numer = torch.einsum("bmn,bn->bm", masks.square(), per_position)
     denom = c * _mask_normalizer(masks, normalizer)
     return (numer / denom.clamp_min(_MIN_DENOMINATOR)).mean(dim=1).mean()
+
+
+def feature_mse_loss(diff: Tensor) -> Tensor:
+    """
+    The paper's "no mask" row: ``||D||^2 / (C*H*W)`` per image, then the batch mean.
+
+    Args:
+        diff (Tensor): (B, C, H, W) difference D = T - f_align(S).
+
+    Returns:
+        Tensor: 0-dim loss.
+    """
+    return diff.square().mean()
 
 
 def pairwise_dice(masks: Tensor, eps: float = 1e-6) -> Tensor:

@@ -1,6 +1,6 @@
 """ASCM: adaptive spatial-channel masks from the fused feature (docs/METHOD.md, "ASCM")."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,9 @@ class AdaptiveSpatialChannelMasks(nn.Module):
       in R^{M x C} elementwise ("per_channel").
 
     ``m_s`` and ``m_c`` are the parameters ``spatial_units`` and ``channel_units``; they start
-    from N(0, init_std), so every mask starts near 0.5.
+    from N(0, init_std), so every mask starts near 0.5. A kind of mask that is not asked for
+    (``spatial=False`` or ``channel=False``, the paper's "channel only" / "spatial only" rows)
+    has no parameter and is returned as None.
     """
 
     def __init__(
@@ -29,6 +31,8 @@ class AdaptiveSpatialChannelMasks(nn.Module):
         num_masks: int = 6,
         channel_mask_form: str = "scalar",
         init_std: float = 0.01,
+        spatial: bool = True,
+        channel: bool = True,
     ) -> None:
         """
         Args:
@@ -36,6 +40,8 @@ class AdaptiveSpatialChannelMasks(nn.Module):
             num_masks (int): M, the number of spatial and of channel masks.
             channel_mask_form (str): "scalar" or "per_channel" (see the class docstring).
             init_std (float): standard deviation of the normal init of ``m_s`` and ``m_c``.
+            spatial (bool): build the spatial masks.
+            channel (bool): build the channel masks.
         """
         super().__init__()
         if num_masks < 1:
@@ -50,24 +56,34 @@ class AdaptiveSpatialChannelMasks(nn.Module):
         self.channels = channels
         self.num_masks = num_masks
         self.channel_mask_form = channel_mask_form
-        self.spatial_units = nn.Parameter(torch.empty(num_masks, channels))
-        channel_width = 1 if channel_mask_form == "scalar" else channels
-        self.channel_units = nn.Parameter(torch.empty(num_masks, channel_width))
-        nn.init.normal_(self.spatial_units, std=init_std)
-        nn.init.normal_(self.channel_units, std=init_std)
+        if not (spatial or channel):
+            raise ValueError("AdaptiveSpatialChannelMasks: build spatial masks, channel masks or both")
+        self.spatial_units = self.channel_units = None
+        if spatial:
+            self.spatial_units = nn.Parameter(torch.empty(num_masks, channels))
+            nn.init.normal_(self.spatial_units, std=init_std)
+        if channel:
+            channel_width = 1 if channel_mask_form == "scalar" else channels
+            self.channel_units = nn.Parameter(torch.empty(num_masks, channel_width))
+            nn.init.normal_(self.channel_units, std=init_std)
 
-    def forward(self, fused: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, fused: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """
         Args:
             fused (Tensor): (B, C, H, W) fused feature F.
 
         Returns:
-            spatial_masks (Tensor): (B, M, H, W), values in (0, 1).
-            channel_masks (Tensor): (B, M, C), values in (0, 1).
+            spatial_masks (Tensor or None): (B, M, H, W), values in (0, 1).
+            channel_masks (Tensor or None): (B, M, C), values in (0, 1).
         """
-        spatial_logits = torch.einsum("mc,bchw->bmhw", self.spatial_units, fused)
-        pooled = fused.mean(dim=(2, 3))  # (B, C)
-        # Scalar form: (M, 1) * (B, 1, C) is the outer product m_c v^T per image; per-channel form:
-        # (M, C) * (B, 1, C) is elementwise. One broadcast serves both.
-        channel_logits = self.channel_units * pooled.unsqueeze(1)
-        return torch.sigmoid(spatial_logits), torch.sigmoid(channel_logits)
+        spatial_masks = channel_masks = None
+        if self.spatial_units is not None:
+            spatial_masks = torch.sigmoid(
+                torch.einsum("mc,bchw->bmhw", self.spatial_units, fused)
+            )
+        if self.channel_units is not None:
+            pooled = fused.mean(dim=(2, 3))  # (B, C)
+            # Scalar form: (M, 1) * (B, 1, C) is the outer product m_c v^T per image;
+            # per-channel form: (M, C) * (B, 1, C) is elementwise. One broadcast serves both.
+            channel_masks = torch.sigmoid(self.channel_units * pooled.unsqueeze(1))
+        return spatial_masks, channel_masks
