@@ -57,7 +57,9 @@ class AdaptiveSpatialChannelMasks(nn.Module):
         self.num_masks = num_masks
         self.channel_mask_form = channel_mask_form
         if not (spatial or channel):
-            raise ValueError("AdaptiveSpatialChannelMasks: build spatial masks, channel masks or both")
+            raise ValueError(
+                "AdaptiveSpatialChannelMasks: build spatial masks, channel masks or both"
+            )
         self.spatial_units = self.channel_units = None
         if spatial:
             self.spatial_units = nn.Parameter(torch.empty(num_masks, channels))
@@ -78,9 +80,7 @@ class AdaptiveSpatialChannelMasks(nn.Module):
         """
         spatial_masks = channel_masks = None
         if self.spatial_units is not None:
-            spatial_masks = torch.sigmoid(
-                torch.einsum("mc,bchw->bmhw", self.spatial_units, fused)
-            )
+            spatial_masks = torch.sigmoid(torch.einsum("mc,bchw->bmhw", self.spatial_units, fused))
         if self.channel_units is not None:
             pooled = fused.mean(dim=(2, 3))  # (B, C)
             # Scalar form: (M, 1) * (B, 1, C) is the outer product m_c v^T per image;
