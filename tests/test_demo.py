@@ -24,12 +24,15 @@ SHRINK = [
 
 
 def test_acamkd_stage_builds_its_teacher_as_the_teacher_stage_trained_it(tmp_path):
-    teacher, baseline, acamkd = demo_stages(str(tmp_path), 10, 5, SHRINK)
-    assert (teacher.max_iter, baseline.max_iter, acamkd.max_iter) == (10, 5, 5)
-    opts = dict(zip(acamkd.opts[::2], acamkd.opts[1::2]))
-    assert opts["MODEL.ACAMKD.TEACHER.WEIGHTS"].endswith(os.path.join("teacher", "model_final.pth"))
-    assert eval(opts["MODEL.ACAMKD.TEACHER.OPTS"]) == SHRINK
-    cmd = baseline.command(str(tmp_path), SHRINK)
+    stages = demo_stages(str(tmp_path), 10, 5, SHRINK)
+    teacher, baseline, acamkd = (dict(zip(s.opts[::2], s.opts[1::2])) for s in stages)
+    assert (teacher["SOLVER.MAX_ITER"], baseline["SOLVER.MAX_ITER"]) == ("10", "5")
+    assert acamkd["SOLVER.MAX_ITER"] == "5"
+    assert acamkd["MODEL.ACAMKD.TEACHER.WEIGHTS"].endswith(
+        os.path.join("teacher", "model_final.pth")
+    )
+    assert eval(acamkd["MODEL.ACAMKD.TEACHER.OPTS"]) == SHRINK
+    cmd = stages[1].command(str(tmp_path))
     assert cmd[cmd.index("DATASETS.TEST") + 1] == "()" and "--resume" in cmd
 
 

@@ -11,56 +11,31 @@ stage can be rerun by hand with the command it logs.
 import json
 import logging
 import os
-import shlex
 import statistics
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 from .compare import ModelSpec, compare_models, format_markdown, json_safe
 from .data import generate_streets
+from .stages import REPO_ROOT, Stage, read_metrics
 
-__all__ = ["Stage", "demo_stages", "run_demo", "read_training_log"]
+__all__ = ["demo_stages", "run_demo", "read_training_log"]
 
 logger = logging.getLogger(__name__)
 
-_REPO = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-)
 
-
-@dataclass
-class Stage:
-    """One training run of the demo."""
-
-    name: str  # its folder under the output directory and its row in the table
-    config: str  # path relative to the repository
-    max_iter: int
-    opts: Sequence[str] = ()
-
-    def command(self, output_dir: str, extra_opts: Sequence[str] = ()) -> List[str]:
-        """The ``train_net.py`` command line of this stage (``--resume`` continues a stop)."""
-        return [
-            sys.executable,
-            os.path.join(_REPO, "train_net.py"),
-            "--config-file",
-            os.path.join(_REPO, self.config),
-            "--resume",
-            "OUTPUT_DIR",
-            os.path.join(output_dir, self.name),
-            "SOLVER.MAX_ITER",
-            str(self.max_iter),
-            "SOLVER.STEPS",
-            f"({int(self.max_iter * 0.8)},)",
-            "SOLVER.CHECKPOINT_PERIOD",
-            str(max(1, self.max_iter // 3)),
-            "DATASETS.TEST",
-            "()",  # the comparison evaluates all three stages the same way afterwards
-            *self.opts,
-            *extra_opts,
-        ]
+def _schedule(max_iter: int) -> List[str]:
+    """A stage's schedule overrides; the comparison evaluates every stage afterwards."""
+    return [
+        "SOLVER.MAX_ITER",
+        str(max_iter),
+        "SOLVER.STEPS",
+        f"({int(max_iter * 0.8)},)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(max(1, max_iter // 3)),
+        "DATASETS.TEST",
+        "()",
+    ]
 
 
 # Per task: the stages' configs (teacher, student baseline, ACAM-KD student) and the dataset
@@ -106,19 +81,21 @@ def demo_stages(
         raise ValueError(f"Unknown demo task {task!r}; expected one of {sorted(_TASKS)}.")
     folder, (teacher, baseline, acamkd), _ = _TASKS[task]
     teacher_weights = os.path.join(output_dir, "teacher", "model_final.pth")
+    extra = list(extra_opts)
     return [
-        Stage("teacher", os.path.join(folder, teacher), teacher_iters),
-        Stage("student_baseline", os.path.join(folder, baseline), student_iters),
+        Stage("teacher", os.path.join(folder, teacher), _schedule(teacher_iters) + extra),
+        Stage("student_baseline", os.path.join(folder, baseline), _schedule(student_iters) + extra),
         Stage(
             "student_acamkd",
             os.path.join(folder, acamkd),
-            student_iters,
-            (
+            _schedule(student_iters)
+            + [
                 "MODEL.ACAMKD.TEACHER.WEIGHTS",
                 teacher_weights,
                 "MODEL.ACAMKD.TEACHER.OPTS",
-                repr(list(extra_opts)),
-            ),
+                repr(extra),
+            ]
+            + extra,
         ),
     ]
 
@@ -128,9 +105,7 @@ def read_training_log(output_dir: str) -> Dict[str, float]:
     From a finished stage's ``metrics.json``: the median training seconds per iteration and
     the last logged ACAM statistics (``acam/<level>/...``, distillers only).
     """
-    path = os.path.join(output_dir, "metrics.json")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_metrics(output_dir)
     times = [r["time"] for r in records if "time" in r]
     out = {"train_s_per_iter": statistics.median(times) if times else float("nan")}
     for r in reversed(records):  # the last training record holds the final mask statistics
@@ -170,21 +145,17 @@ def run_demo(
     stages = demo_stages(output_dir, teacher_iters, student_iters, extra_opts, task)
     seconds = {}
     for stage in stages:
-        stage_dir = os.path.join(output_dir, stage.name)
-        cmd = stage.command(output_dir, extra_opts)
         t0 = time.perf_counter()
-        if os.path.isfile(os.path.join(stage_dir, "model_final.pth")):
-            logger.info("[%s] already trained in %s: skipped", stage.name, stage_dir)
-        else:
-            logger.info("[%s] %s", stage.name, shlex.join(cmd))
-            subprocess.run(cmd, check=True, cwd=_REPO)
+        stage.run(output_dir)
         seconds[stage.name] = time.perf_counter() - t0
+    # The comparison measures each stage as trained; the overrides that are not part of
+    # the model (schedule, test set) do not matter there.
     specs = [
         ModelSpec(
             s.name,
-            os.path.join(_REPO, s.config),
-            os.path.join(output_dir, s.name, "model_final.pth"),
-            [*s.opts, *extra_opts],
+            os.path.join(REPO_ROOT, s.config),
+            os.path.join(s.output_dir(output_dir), "model_final.pth"),
+            list(s.opts),
         )
         for s in stages
     ]

@@ -1,0 +1,149 @@
+"""
+One training run as a resumable stage: a ``train_net.py`` command in its own folder.
+
+The demo and the study are sequences of stages. A stage counts as finished only when its
+final checkpoint is readable and was trained with the requested command (recorded in
+``stage.json`` before training starts); a stage whose command changed is retrained from
+scratch, and an interrupted one resumes from its last checkpoint (``--resume``).
+"""
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["Stage", "REPO_ROOT", "final_metrics", "read_metrics"]
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
+_RECORD = "stage.json"
+_FINAL = "model_final.pth"
+
+
+def _readable(path: str) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # truncated or foreign files fail in many ways
+        return False
+    return True
+
+
+@dataclass
+class Stage:
+    """
+    One ``train_net.py`` run.
+
+    Attributes:
+        name (str): its folder under the output directory.
+        config (str): a YAML or ``.py`` config, absolute or relative to the repository.
+        opts (list[str]): overrides in the config's own syntax (KEY VALUE pairs for a YAML,
+            key=value for a ``.py``), OUTPUT_DIR excluded.
+        num_gpus (int): ``--num-gpus`` of the run.
+    """
+
+    name: str
+    config: str
+    opts: Sequence[str] = ()
+    num_gpus: int = 1
+
+    def output_dir(self, root: str) -> str:
+        return os.path.join(root, self.name)
+
+    def command(self, root: str) -> List[str]:
+        """The ``train_net.py`` command line (``--resume`` continues an interrupted run)."""
+        out = self.output_dir(root)
+        is_lazy = self.config.endswith(".py")
+        output_opt = [f"train.output_dir={out}"] if is_lazy else ["OUTPUT_DIR", out]
+        return [
+            sys.executable,
+            os.path.join(REPO_ROOT, "train_net.py"),
+            "--config-file",
+            os.path.join(REPO_ROOT, self.config),
+            "--num-gpus",
+            str(self.num_gpus),
+            "--resume",
+            *output_opt,
+            *self.opts,
+        ]
+
+    def _record(self) -> Dict[str, object]:
+        return {"config": self.config, "opts": list(self.opts)}
+
+    def is_finished(self, root: str) -> bool:
+        """The final checkpoint is readable and was trained with this stage's command."""
+        out = self.output_dir(root)
+        record = os.path.join(out, _RECORD)
+        if not (os.path.isfile(record) and os.path.isfile(os.path.join(out, _FINAL))):
+            return False
+        with open(record) as f:
+            if json.load(f) != self._record():
+                return False
+        return _readable(os.path.join(out, _FINAL))
+
+    def run(self, root: str) -> bool:
+        """
+        Train unless finished; a folder trained with another command is emptied first.
+
+        Returns:
+            bool: True if it trained (or resumed), False if it was already finished.
+        """
+        out = self.output_dir(root)
+        if self.is_finished(root):
+            logger.info("[%s] already trained in %s: skipped", self.name, out)
+            return False
+        record = os.path.join(out, _RECORD)
+        if os.path.isfile(record):
+            with open(record) as f:
+                previous = json.load(f)
+            if previous != self._record():
+                logger.warning(
+                    "[%s] %s was trained with %s; now asked for %s: retraining from scratch",
+                    self.name,
+                    out,
+                    previous,
+                    self._record(),
+                )
+                shutil.rmtree(out)
+        elif os.path.isfile(os.path.join(out, _FINAL)):
+            # A final checkpoint without a record (an older layout, or unreadable): no way to
+            # know its schedule, so it is not trusted.
+            logger.warning("[%s] %s has no %s: retraining from scratch", self.name, out, _RECORD)
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        with open(record, "w") as f:
+            json.dump(self._record(), f, indent=1)
+        cmd = self.command(root)
+        logger.info("[%s] %s", self.name, shlex.join(cmd))
+        subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+        return True
+
+
+def read_metrics(output_dir: str) -> List[Dict[str, float]]:
+    """The records of a run's ``metrics.json`` (one JSON object a line), in order."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def final_metrics(output_dir: str, prefix: str) -> Optional[Dict[str, float]]:
+    """
+    The last evaluation of a run, from its ``metrics.json``: ``{"AP": ..., ...}`` for
+    ``prefix="bbox"``, ``{"mIoU": ..., ...}`` for ``"sem_seg"``; None if it has none.
+    """
+    for record in reversed(read_metrics(output_dir)):
+        found = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith(prefix + "/")}
+        if found:
+            return found
+    return None

@@ -1,0 +1,165 @@
+"""The variants x seeds study: run keys, summary statistics, and a tiny study end to end."""
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from acamkd import get_acamkd_cfg
+from acamkd.data import generate_streets
+from acamkd.study import (
+    VARIANT_SETS,
+    StudySpec,
+    Variant,
+    make_stage,
+    parse_variant,
+    run_study,
+    summarize,
+)
+
+from tiny_models import REPO
+
+DET = "configs/Streets-Detection"
+SHRINK = [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+SCHEDULE = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1"]
+SCHEDULE += ["SOLVER.STEPS", "(3,)", "SOLVER.CHECKPOINT_PERIOD", "100"]
+# An untrained detector scores below the default threshold: keep every box, so AP is a number.
+SCHEDULE += ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"]
+
+
+def _spec(**kw) -> StudySpec:
+    base = dict(
+        config=f"{DET}/acamkd_retinanet_R_18_from_R_50_streets.yaml",
+        variants=list(VARIANT_SETS["objective"]),
+        seeds=[0, 1],
+        teacher_weights="/tmp/teacher.pth",
+        teacher_config=f"{DET}/retinanet_R_50_FPN_streets.yaml",
+    )
+    base.update(kw)
+    return StudySpec(**base)
+
+
+def test_runs_are_keyed_by_what_they_train():
+    spec = _spec(acam={"NORMALIZER": "sum_sq"})
+    names = {v.name: v for v in VARIANT_SETS["objective"] + VARIANT_SETS["paper-ablation"]}
+    stage = {n: make_stage(spec, v, 0).name for n, v in names.items()}
+    # "full" under the common NORMALIZER sum_sq is the objective set's "sum_sq" row.
+    assert stage["full"] == stage["sum_sq"]
+    # The baseline and "no mask" ignore the mask settings: shared with a plain study.
+    plain = _spec()
+    assert stage["baseline"] == make_stage(plain, names["baseline"], 0).name
+    assert stage["no_mask"] == make_stage(plain, names["no_mask"], 0).name
+    # Seeds and settings that matter give other runs.
+    assert make_stage(spec, names["full"], 1).name != stage["full"]
+    assert len({stage[n] for n in ("literal", "ascend", "sum_sq", "ascend_sum_sq", "detach")}) == 5
+    base = make_stage(plain, names["baseline"], 0)
+    assert base.opts[:2] == ["MODEL.META_ARCHITECTURE", "RetinaNet"]
+    assert "MODEL.ACAMKD.TEACHER.WEIGHTS" not in base.opts
+
+
+def test_parse_variant():
+    assert parse_variant("no_mask") == Variant("no_mask", {"MASKS": "none"})
+    custom = parse_variant("m4:num_masks=4,MODEL.ACAMKD.NORMALIZER=sum_sq")
+    assert custom.acam == {"NUM_MASKS": "4", "NORMALIZER": "sum_sq"}
+    with pytest.raises(ValueError, match="no built-in variant"):
+        parse_variant("fulll")
+    with pytest.raises(ValueError, match="is not KEY=VALUE"):
+        parse_variant("x:NUM_MASKS")
+
+
+def test_lazy_study_without_baseline_config_is_refused():
+    spec = _spec(config=f"{DET}/acamkd_retinanet_R_18_from_R_50_streets.py")
+    with pytest.raises(ValueError, match="--baseline-config"):
+        make_stage(spec, VARIANT_SETS["objective"][0], 0)
+    full = make_stage(spec, Variant("full"), 3)
+    assert "train.seed=3" in full.opts and "model.teacher.weights=/tmp/teacher.pth" in full.opts
+
+
+def test_summary_statistics_by_hand():
+    runs = [
+        {"variant": v, "seed": s, "task": "bbox", "metrics": {"AP": ap}, "train_s_per_iter": t,
+         "masks": m, "collapsed": c}
+        for v, s, ap, t, m, c in [
+            ("baseline", 0, 10.0, 1.0, {}, False),
+            ("baseline", 1, 12.0, 1.2, {}, False),
+            ("full", 0, 15.0, 2.0, {"spatial_mask_mean": 0.2}, False),
+            ("full", 1, 16.0, 2.2, {"spatial_mask_mean": 0.4}, True),
+        ]
+    ]  # fmt: skip
+    rows = summarize(runs, ["baseline", "full"], {"metrics": {"AP": 31.0}})
+    base, full = rows
+    assert base["mean"] == 11.0 and base["std"] == pytest.approx(2**0.5)
+    assert full["mean"] == 15.5 and full["delta"] == 4.5
+    assert full["gap_closed"] == pytest.approx(4.5 / 20.0)
+    assert full["masks"]["spatial_mask_mean"] == pytest.approx(0.3)
+    assert full["collapsed"] and not base["collapsed"]
+    assert full["train_s_per_iter"] == pytest.approx(2.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_streets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    generate_streets(str(root), num_train=4, num_val=2, width=128, height=64, progress=False)
+    return str(root)
+
+
+def _tiny_teacher(path: str) -> None:
+    cfg = get_acamkd_cfg()
+    cfg.merge_from_file(os.path.join(REPO, DET, "retinanet_R_50_FPN_streets.yaml"))
+    cfg.merge_from_list(SHRINK)
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(cfg), save_dir=os.path.dirname(path)).save(
+        os.path.basename(path)[: -len(".pth")]
+    )
+
+
+def test_tiny_study_end_to_end_and_resumed(tmp_path, tiny_streets, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", tiny_streets)
+    teacher = str(tmp_path / "teacher.pth")
+    _tiny_teacher(teacher)
+    spec = _spec(
+        variants=[VARIANT_SETS["objective"][0], Variant("sum_sq", {"NORMALIZER": "sum_sq"})],
+        teacher_weights=teacher,
+        opts=SHRINK + SCHEDULE + ["MODEL.ACAMKD.TEACHER.OPTS", repr(SHRINK)],
+    )
+    out = str(tmp_path / "study")
+    teacher_row = {"metrics": {"AP": 50.0}}
+    study = run_study(spec, out, teacher_row=teacher_row)
+    assert {(r["variant"], r["seed"]) for r in study["runs"]} == {
+        (v, s) for v in ("baseline", "sum_sq") for s in (0, 1)
+    }
+    # The table's numbers are those of the runs' own metrics.json files.
+    for row in study["variants"]:
+        values = []
+        for run in (r for r in study["runs"] if r["variant"] == row["variant"]):
+            with open(os.path.join(out, run["dir"], "metrics.json")) as f:
+                records = [json.loads(line) for line in f]
+            values.append([r["bbox/AP"] for r in records if "bbox/AP" in r][-1])
+        assert row["values"] == values
+        assert row["mean"] == pytest.approx(statistics.fmean(values))
+        assert row["std"] == pytest.approx(statistics.stdev(values))
+    sum_sq = study["variants"][1]
+    assert "spatial_mask_mean" in sum_sq["masks"] and study["variants"][0]["masks"] == {}
+    table = open(os.path.join(out, "study.md")).read()
+    assert "| baseline |" in table and "| sum_sq |" in table and "Teacher: AP 50.0" in table
+    assert os.path.getsize(os.path.join(out, "study.png")) > 5000
+    # A second invocation trains nothing and gives the same table.
+    mtimes = {r["dir"]: os.path.getmtime(os.path.join(out, r["dir"], "model_final.pth"))
+              for r in study["runs"]}  # fmt: skip
+    again = run_study(spec, out, teacher_row=teacher_row)
+    assert study["trained_now"] == 4 and again["trained_now"] == 0
+    assert [r["values"] for r in again["variants"]] == [r["values"] for r in study["variants"]]
+    for d, t in mtimes.items():
+        assert os.path.getmtime(os.path.join(out, d, "model_final.pth")) == t

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""
+Variants x seeds study of a distillation config: which ACAM-KD settings make the student better?
+
+Trains every (variant, seed) with train_net.py, evaluates each with the dataset's evaluator and
+writes study.md, study.json and study.png (mean ± std over seeds per variant, difference to the
+baseline, fraction of the teacher-baseline gap closed, train s/iter, final mask statistics).
+Rerunning skips finished runs and resumes an interrupted one; runs shared with another study
+in the same --output-dir (same config, settings and seed) are reused.
+
+Examples (the embedded benchmark; `python tools/demo.py` trains the teacher first):
+
+    python tools/study.py --set objective --seeds 0 1 2 \\
+        --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets.yaml \\
+        --teacher-weights output/demo/teacher/model_final.pth --output-dir output/study_det
+
+    python tools/study.py --set paper-ablation --seeds 0 1 2 --acam NORMALIZER=sum_sq \\
+        --config-file configs/COCO-Detection/acamkd_retinanet_R_50_from_R_101_FPN_2x.yaml \\
+        --teacher-weights /path/to/retinanet_R_101_FPN_3x/model_final.pkl \\
+        --num-gpus 8 --output-dir output/study_coco
+
+    # own variants: NAME:KEY=VALUE,... with MODEL.ACAMKD keys; trailing KEY VALUE overrides
+    # apply to every run:
+    python tools/study.py --variant baseline --variant full --variant m4:NUM_MASKS=4 ... \\
+        SOLVER.MAX_ITER 1000
+"""
+import argparse
+import logging
+import os
+
+from detectron2.utils.logger import setup_logger
+
+from acamkd.stages import Stage
+from acamkd.study import VARIANT_SETS, StudySpec, parse_variant, run_study
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="the distillation config")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--set", choices=sorted(VARIANT_SETS), help="a built-in set of variants")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="a variant: a built-in name (baseline, no_mask, full, ...) or NAME:KEY=VALUE,...",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--acam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="MODEL.ACAMKD setting of every distilled variant (e.g. NORMALIZER=sum_sq)",
+    )
+    parser.add_argument("--teacher-weights", default="", help="the teacher's checkpoint")
+    parser.add_argument(
+        "--teacher-config",
+        default="",
+        help="the teacher's config: evaluated for the table (default: the distillation "
+        "config's MODEL.ACAMKD.TEACHER.CONFIG_FILE); with --train-teacher, trained first",
+    )
+    parser.add_argument(
+        "--train-teacher",
+        action="store_true",
+        help="train the teacher config first, with its own schedule (in OUTPUT_DIR/teacher)",
+    )
+    parser.add_argument(
+        "--baseline-config",
+        default="",
+        help="the student's own config for the baseline (needed for a .py config)",
+    )
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="overrides of every student run, config syntax"
+    )
+    return parser
+
+
+def _teacher_config(args) -> str:
+    if args.teacher_config:
+        return args.teacher_config
+    if args.config_file.endswith(".py"):
+        raise SystemExit("A .py config needs --teacher-config for the table's teacher row.")
+    from acamkd import get_acamkd_cfg
+
+    cfg = get_acamkd_cfg()
+    cfg.merge_from_file(args.config_file)
+    return cfg.MODEL.ACAMKD.TEACHER.CONFIG_FILE
+
+
+def main() -> None:
+    args = get_parser().parse_args()
+    setup_logger(name="acamkd")
+    logging.getLogger("acamkd").setLevel(logging.INFO)
+    variants = list(VARIANT_SETS[args.set]) if args.set else []
+    variants += [parse_variant(v) for v in args.variant]
+    if not variants:
+        raise SystemExit("No variants: give --set and/or --variant.")
+    acam = {}
+    for item in args.acam:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--acam {item!r} is not KEY=VALUE.")
+        acam[key.upper().removeprefix("MODEL.ACAMKD.")] = value
+    teacher_config = _teacher_config(args)
+    teacher_weights = args.teacher_weights
+    if args.train_teacher:
+        Stage("teacher", teacher_config, [], args.num_gpus).run(args.output_dir)
+        teacher_weights = os.path.join(args.output_dir, "teacher", "model_final.pth")
+    if not teacher_weights:
+        raise SystemExit("Give --teacher-weights, or --train-teacher to train one first.")
+    spec = StudySpec(
+        config=args.config_file,
+        variants=variants,
+        seeds=args.seeds,
+        teacher_weights=teacher_weights,
+        teacher_config=teacher_config,
+        acam=acam,
+        opts=args.opts,
+        baseline_config=args.baseline_config,
+        num_gpus=args.num_gpus,
+    )
+    study = run_study(spec, args.output_dir)
+    print(open(os.path.join(args.output_dir, "study.md")).read())
+    return study
+
+
+if __name__ == "__main__":
+    main()
