@@ -26,6 +26,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import acamkd  # noqa: F401  (registers the meta-architecture, backbones, heads and datasets)
 from acamkd import DistillationCheckpointer, DistillationTrainer, get_acamkd_cfg
@@ -52,6 +53,8 @@ def setup(args) -> CfgNode:
         cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = True
     cfg.freeze()
     default_setup(cfg, args)
+    # This package's warnings (e.g. a checkpoint skipped on --resume) go where detectron2's go.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acamkd")
     return cfg
 
 

@@ -17,13 +17,15 @@ import torch
 from omegaconf import DictConfig
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DistillationCheckpointer, load_checkpoint
 from ..lazy import skip_teacher_weights
 from .hooks import MaskCollapseHook
+from .nonfinite import LAZY_CURES, FiniteAMPTrainer, FiniteSimpleTrainer
 from .trainer import create_ddp_model
 
 __all__ = ["is_lazy_config", "setup_lazy", "do_test", "do_train", "main"]
@@ -52,6 +54,8 @@ def setup_lazy(args) -> DictConfig:
         logger.info("Evaluation runs the student alone: the teacher's weights are not loaded.")
     _check_device(cfg)
     default_setup(cfg, args)
+    # This package's warnings (e.g. a checkpoint skipped on --resume) go where detectron2's go.
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="acamkd")
     return cfg
 
 
@@ -106,7 +110,9 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
     train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    trainer_class = FiniteAMPTrainer if cfg.train.amp.enabled else FiniteSimpleTrainer
+    trainer = trainer_class(model, train_loader, optim)
+    trainer.cures = LAZY_CURES  # the non-finite loss message names this config's keys
     checkpointer = DistillationCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [

@@ -18,6 +18,7 @@ from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
 from ..evaluation import build_evaluator
 from ..solver import build_lr_scheduler
 from .hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook, unwrap_distiller
+from .nonfinite import FiniteAMPTrainer, FiniteSimpleTrainer
 
 __all__ = ["DistillationTrainer", "create_ddp_model", "is_semantic_segmentation"]
 
@@ -35,18 +36,23 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
 @contextlib.contextmanager
 def _distillation_defaults() -> Iterator[None]:
     """
-    While ``DefaultTrainer.__init__`` runs, use the CPU-aware DDP wrapper and the checkpointer
-    that keeps teacher and student apart. Both are drop-in replacements: for a plain detector
-    on GPUs they behave exactly as detectron2's. Patching the two names for the duration of
+    While ``DefaultTrainer.__init__`` runs, use the CPU-aware DDP wrapper, the checkpointer
+    that keeps teacher and student apart (and saves atomically), and the trainers that stop at a
+    non-finite loss with a precise message. All are drop-in replacements: for a plain detector
+    on GPUs they behave exactly as detectron2's. Patching the names for the duration of
     the constructor keeps the rest of detectron2's constructor (and its future fixes) intact.
     """
-    saved = d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer
+    names = ("create_ddp_model", "DetectionCheckpointer", "SimpleTrainer", "AMPTrainer")
+    saved = {name: getattr(d2_defaults, name) for name in names}
     d2_defaults.create_ddp_model = create_ddp_model
     d2_defaults.DetectionCheckpointer = DistillationCheckpointer
+    d2_defaults.SimpleTrainer = FiniteSimpleTrainer
+    d2_defaults.AMPTrainer = FiniteAMPTrainer
     try:
         yield
     finally:
-        d2_defaults.create_ddp_model, d2_defaults.DetectionCheckpointer = saved
+        for name, value in saved.items():
+            setattr(d2_defaults, name, value)
 
 
 def is_semantic_segmentation(cfg: CfgNode) -> bool:

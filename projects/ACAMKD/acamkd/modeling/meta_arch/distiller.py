@@ -223,6 +223,9 @@ class ACAMDistiller(nn.Module):
                     "size divisibility for both."
                 )
             outputs[level] = acam(t, s, return_masks=return_masks)
+            # Logged with the mask statistics; they name the culprit when a loss is not finite.
+            outputs[level].stats["teacher_feature_absmax"] = t.detach().abs().amax()
+            outputs[level].stats["student_feature_absmax"] = s.detach().abs().amax()
         return outputs
 
     @torch.no_grad()
