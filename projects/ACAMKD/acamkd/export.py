@@ -10,6 +10,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
 from .checkpoint import is_distiller_state
+from .modeling.meta_arch.reppoints import add_reppoints_config
 
 __all__ = ["export_student", "student_state_dict", "plain_student_cfg"]
 
@@ -47,18 +48,22 @@ def plain_student_cfg(cfg: CfgNode, weights: str) -> CfgNode:
     """
     The student's config as stock detectron2 reads it: the student's meta-architecture, no
     ``MODEL.ACAMKD`` node, ``MODEL.WEIGHTS`` pointing at the exported checkpoint. Semantic
-    segmentors keep the DeepLab project's keys (load them with ``add_deeplab_config``).
+    segmentors keep the DeepLab project's keys (load them with ``add_deeplab_config``), RepPoints
+    its ``MODEL.REPPOINTS`` keys (load them with ``acamkd.get_acamkd_cfg()``).
     """
     arch = cfg.MODEL.ACAMKD.STUDENT_META_ARCHITECTURE
     if arch not in _STOCK_YAML_ARCHS:
         logger.warning(
-            "Stock detectron2 builds %s only from a LazyConfig; the exported YAML needs "
-            "`import acamkd` to build it (the checkpoint's names are detectron2's own).",
+            "Stock detectron2 cannot build %s from a YAML config; the exported YAML needs "
+            "`import acamkd` to build it (and, for RepPoints, acamkd.get_acamkd_cfg() to read "
+            "its MODEL.REPPOINTS keys).",
             arch,
         )
     reference = get_cfg()
     if arch == "SemanticSegmentor":
         add_deeplab_config(reference)
+    elif arch == "RepPoints":
+        add_reppoints_config(reference)
     scfg = _restrict_to(cfg, reference)
     scfg.MODEL.META_ARCHITECTURE = arch
     scfg.MODEL.WEIGHTS = weights

@@ -8,7 +8,7 @@ from .backbone import (
     build_resnet_basic_deeplab_backbone,
 )
 from .heads import PSPHead
-from .meta_arch import FCOS, ACAMDistiller, build_student_cfg
+from .meta_arch import FCOS, ACAMDistiller, RepPoints, build_student_cfg
 from .teacher import build_frozen_teacher, build_teacher_cfg, get_acamkd_cfg
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "FCOS",
     "MobileNetV2Backbone",
     "PSPHead",
+    "RepPoints",
     "build_mobilenetv2_backbone",
     "build_resnet_basic_deeplab_backbone",
     "build_student_cfg",

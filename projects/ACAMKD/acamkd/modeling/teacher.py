@@ -21,6 +21,7 @@ from detectron2.projects.deeplab import add_deeplab_config
 
 from ..checkpoint import explain_unreadable_weights
 from ..config import add_acamkd_config
+from .meta_arch.reppoints import add_reppoints_config
 
 __all__ = [
     "get_acamkd_cfg",
@@ -45,9 +46,10 @@ _DISTILLER_AS_TEACHER = (
 
 
 def get_acamkd_cfg() -> CfgNode:
-    """detectron2's default config plus the DeepLab keys and ``MODEL.ACAMKD``."""
+    """detectron2's default config with the DeepLab, RepPoints and ``MODEL.ACAMKD`` keys."""
     cfg = get_cfg()
     add_deeplab_config(cfg)
+    add_reppoints_config(cfg)
     add_acamkd_config(cfg)
     return cfg
 
