@@ -18,6 +18,7 @@ COCO_CONFIGS = os.path.join(REPO, "configs", "COCO-Detection")
 
 _BASES = {"RetinaNet": "Base-RetinaNet.yaml", "GeneralizedRCNN": "Base-RCNN-FPN.yaml"}
 _BASES["FCOS"] = "Base-FCOS.yaml"
+_BASES["RepPoints"] = "Base-RepPoints.yaml"
 
 
 def _shrink(depth: int, fpn_channels: int, num_classes: int) -> List[str]:
@@ -62,7 +63,8 @@ def _shrink(depth: int, fpn_channels: int, num_classes: int) -> List[str]:
 
 
 def plain_cfg(arch: str, depth: int = 18, fpn_channels: int = 32, num_classes: int = 2) -> CfgNode:
-    """A tiny plain detector config of ``arch`` ("RetinaNet", "GeneralizedRCNN", "FCOS")."""
+    """A tiny plain detector config of ``arch`` ("RetinaNet", "GeneralizedRCNN", "FCOS",
+    "RepPoints")."""
     cfg = get_acamkd_cfg()
     cfg.merge_from_file(os.path.join(COCO_CONFIGS, _BASES[arch]))
     cfg.merge_from_list(_shrink(depth, fpn_channels, num_classes) + _input_opts())
