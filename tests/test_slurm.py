@@ -4,6 +4,8 @@ derived from a fake Slurm environment, and a tiny distillation trained through s
 executor, preempted after its first checkpoint, requeued and resumed from that checkpoint.
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -87,6 +89,12 @@ def test_launch_options_are_refused() -> None:
     for given in (["--num-gpus", "2"], ["--dist-url=tcp://h:1"], ["--resume"]):
         with pytest.raises(ValueError, match="set by the launcher"):
             TrainingJob("train_net.py", ["--config-file", "c.yaml"] + given, num_gpus=1)
+
+
+def test_import_acamkd_does_not_import_submitit() -> None:
+    code = "import sys, acamkd, acamkd.slurm; assert 'submitit' not in sys.modules, 'imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_checkpoint_requeues_the_same_job() -> None:
@@ -202,3 +210,22 @@ def test_local_executor_trains_is_preempted_and_resumes(tmp_path: Path) -> None:
     assert starts[1] - 1 in saved
     assert (out / "model_final.pth").exists()
     assert _iterations(out / "metrics.json")[-1] == max_iter - 1  # trained to the end
+
+
+def _submit_tool():
+    spec = importlib.util.spec_from_file_location("submit_slurm", SUBMIT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_limits_and_output_overrides() -> None:
+    tool = _submit_tool()
+    minutes = {"90": 90, "30:30": 31, "72:00:00": 4320, "2-00:00:00": 2880, "1-12": 2160}
+    minutes.update({"1-2:30": 1590, "0:0:1": 1})
+    assert {value: tool.parse_time(value) for value in minutes} == minutes
+    with pytest.raises(argparse.ArgumentTypeError):
+        tool.parse_time("3h")
+    yaml = tool.output_dir_override(["--config-file", "a.yaml", "SOLVER.MAX_ITER", "5"], "/o")
+    assert yaml == ["OUTPUT_DIR", "/o"]
+    assert tool.output_dir_override(["--config-file=b.py"], "/o") == ["train.output_dir=/o"]
