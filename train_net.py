@@ -32,6 +32,7 @@ import acamkd  # noqa: F401  (registers the meta-architecture, backbones, heads 
 from acamkd import DistillationCheckpointer, DistillationTrainer, get_acamkd_cfg
 from acamkd.checkpoint import load_checkpoint
 from acamkd.data import add_register_coco_argument, register_coco_datasets
+from acamkd.data.checks import check_datasets_registered
 from acamkd.engine import lazy_train
 
 logger = logging.getLogger("acamkd")
@@ -63,6 +64,10 @@ def main(args):
     if lazy_train.is_lazy_config(args.config_file):
         return lazy_train.main(args)
     cfg = setup(args)
+    used = {"DATASETS.TEST": cfg.DATASETS.TEST}
+    if not args.eval_only:
+        used["DATASETS.TRAIN"] = cfg.DATASETS.TRAIN
+    check_datasets_registered(used)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR)

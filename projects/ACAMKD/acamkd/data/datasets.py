@@ -18,6 +18,7 @@ Registration is lazy, as for detectron2's builtin datasets: nothing is read unti
 
 import argparse
 import os
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
@@ -207,7 +208,8 @@ def register_coco_datasets(specs: Sequence[Sequence[str]]) -> List[str]:
 
     Raises:
         FileNotFoundError: the json file or the image folder does not exist.
-        ValueError: a malformed triple, or a name already registered with other files.
+        ValueError: a malformed triple, a json that is not COCO instances (no "images",
+            "annotations" or "categories"), or a name already registered with other files.
     """
     names = []
     for spec in specs:
@@ -230,6 +232,7 @@ def register_coco_datasets(specs: Sequence[Sequence[str]]) -> List[str]:
                 "json's file_name entries are relative to as the third value of "
                 "--register-coco NAME JSON IMAGE_DIR.".format(name, image_root)
             )
+        _check_coco_json(name, json_file)
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
             same = (getattr(meta, "json_file", None), getattr(meta, "image_root", None)) == (
@@ -252,6 +255,42 @@ def register_coco_datasets(specs: Sequence[Sequence[str]]) -> List[str]:
             register_coco_instances(name, {}, json_file, image_root)
         names.append(name)
     return names
+
+
+_COCO_KEYS = ("images", "annotations", "categories")
+
+
+def _check_coco_json(name: str, json_file: str, chunk_size: int = 1 << 22) -> None:
+    """
+    Fail early, before any model is built, for a file that is not a COCO instances json: an
+    object with "images", "annotations" and "categories". The file is scanned for the keys
+    rather than parsed: a COCO training json takes seconds and gigabytes to parse, and
+    ``load_coco_json`` parses it when the dataset is loaded.
+    """
+    found = set()
+    pattern = re.compile(rb'"(%s)"\s*:' % b"|".join(k.encode() for k in _COCO_KEYS))
+    first = None
+    tail = b""
+    with open(json_file, "rb") as f:
+        while len(found) < len(_COCO_KEYS):
+            chunk = f.read(chunk_size)
+            if not chunk:
+                break
+            if first is None:
+                first = chunk.lstrip()[:1]
+            text = tail + chunk
+            found.update(m.group(1).decode() for m in pattern.finditer(text))
+            tail = text[-64:]
+    missing = [k for k in _COCO_KEYS if k not in found]
+    if first != b"{" or missing:
+        what = "is not a JSON object" if first != b"{" else f"has no {', '.join(missing)}"
+        raise ValueError(
+            "COCO dataset '{}': {} {}, so it is not a COCO instances json. --register-coco NAME "
+            "JSON IMAGE_DIR takes a file with 'images', 'annotations' and 'categories', such as "
+            "detectron2's instances_val2017.json; convert other formats to it first.".format(
+                name, json_file, what
+            )
+        )
 
 
 def add_register_coco_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import logging
 from typing import Dict, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_setup, default_writers, hooks
@@ -23,6 +23,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DistillationCheckpointer, load_checkpoint
+from ..data.checks import StopOnUnreadableImage, check_datasets_registered, check_num_classes
 from ..lazy import skip_teacher_weights
 from .hooks import MaskCollapseHook
 from .nonfinite import LAZY_CURES, FiniteAMPTrainer, FiniteSimpleTrainer
@@ -107,7 +108,15 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
+    if "mapper" in cfg.dataloader.train:
+        # An image that cannot be read stops training with its file name (docs/TROUBLESHOOTING).
+        cfg.dataloader.train.mapper = StopOnUnreadableImage(
+            instantiate(cfg.dataloader.train.mapper), "dataloader.train.dataset.names"
+        )
     train_loader = instantiate(cfg.dataloader.train)
+    names = OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None)
+    if names is not None:  # loaded by now, so their metadata has their classes
+        check_num_classes(names, model, yaml=False, dataset_key="dataloader.train.dataset.names")
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer_class = FiniteAMPTrainer if cfg.train.amp.enabled else FiniteSimpleTrainer
@@ -154,6 +163,10 @@ def main(args) -> Optional[Dict]:
         dict or None: the evaluation results with ``--eval-only``.
     """
     cfg = setup_lazy(args)
+    keys = ["dataloader.test.dataset.names"]
+    if not args.eval_only:
+        keys.insert(0, "dataloader.train.dataset.names")
+    check_datasets_registered({key: OmegaConf.select(cfg, key, default=None) for key in keys})
     if not args.eval_only:
         do_train(cfg, resume=args.resume)
         return None

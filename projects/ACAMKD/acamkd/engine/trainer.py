@@ -15,6 +15,7 @@ from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.utils import comm
 
 from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
+from ..data.checks import StopOnUnreadableImage, check_num_classes
 from ..evaluation import build_evaluator
 from ..solver import build_lr_scheduler
 from .hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook, unwrap_distiller
@@ -104,6 +105,8 @@ class DistillationTrainer(DefaultTrainer):
             )
         with _distillation_defaults():
             super().__init__(cfg)
+        # The loader has loaded the training sets: their metadata now has their classes.
+        check_num_classes(cfg.DATASETS.TRAIN, self.model)
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -141,8 +144,11 @@ class DistillationTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         if is_semantic_segmentation(cfg):
             mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
-            return build_detection_train_loader(cfg, mapper=mapper)
-        return super().build_train_loader(cfg)
+        else:
+            mapper = DatasetMapper(cfg, is_train=True)  # what DefaultTrainer's loader uses
+        # An image that cannot be read stops training with its file name (docs/TROUBLESHOOTING).
+        mapper = StopOnUnreadableImage(mapper, "DATASETS.TRAIN")
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -6,11 +6,13 @@ it is loaded separately from the student because detectron2's checkpoint loader 
 suffix and fails when one key matches both ``teacher.*`` and ``student.*``.
 """
 
+import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detectron2 import model_zoo
@@ -92,6 +94,7 @@ def teacher_cfg_from_file(
     device: str = "cpu",
     weights: str = "",
     key: str = "MODEL.ACAMKD.TEACHER.CONFIG_FILE",
+    opts_key: str = "MODEL.ACAMKD.TEACHER.OPTS",
 ) -> CfgNode:
     """
     A teacher's YAML config: the file (a path or a model-zoo name), then ``opts``.
@@ -102,12 +105,14 @@ def teacher_cfg_from_file(
         device (str): its MODEL.DEVICE.
         weights (str): its MODEL.WEIGHTS.
         key (str): where the user gave ``config_file``, for the error messages.
+        opts_key (str): where the user gave ``opts``, for the error messages.
 
     Returns:
         CfgNode: the frozen config.
     """
     tcfg = get_acamkd_cfg()
     tcfg.merge_from_file(resolve_config_file(config_file, key))
+    _check_yaml_overrides(tcfg, list(opts), config_file, opts_key)
     tcfg.merge_from_list(list(opts))
     tcfg.MODEL.DEVICE = device
     tcfg.MODEL.WEIGHTS = weights
@@ -115,6 +120,57 @@ def teacher_cfg_from_file(
         raise ValueError(_DISTILLER_AS_TEACHER.format(config_file))
     tcfg.freeze()
     return tcfg
+
+
+def _flat_keys(cfg, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, (dict, DictConfig)) else []
+        keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _unknown_key_error(key: str, cfg, config: str, opts_key: str) -> KeyError:
+    close = difflib.get_close_matches(key, _flat_keys(cfg), n=3, cutoff=0.6)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return KeyError(
+        f"{opts_key} sets {key}, which the teacher's config {config!r} does not have.{hint} "
+        "Check its spelling, or set it in the teacher's config file."
+    )
+
+
+def _check_yaml_overrides(tcfg: CfgNode, opts: List[str], config: str, opts_key: str) -> None:
+    """KEY VALUE pairs whose keys the teacher's YAML config has (yacs's own errors say neither
+    which setting nor which config)."""
+    if len(opts) % 2:
+        raise ValueError(
+            f"{opts_key} has {len(opts)} items {opts}: it takes KEY VALUE pairs, e.g. "
+            "['MODEL.RESNETS.DEPTH', '101']."
+        )
+    for key in opts[::2]:
+        node = tcfg
+        for part in str(key).split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise _unknown_key_error(str(key), tcfg, config, opts_key)
+            node = node[part]
+
+
+_MISSING = object()
+
+
+def _check_lazy_overrides(cfg: DictConfig, overrides: List[str], config: str) -> None:
+    """``key=value`` strings whose keys the teacher's LazyConfig has (detectron2 would add an
+    unknown key, which then fails as an unexpected argument when the teacher is built)."""
+    opts_key = "model.teacher.overrides"
+    for item in overrides:
+        if "=" not in str(item):
+            raise ValueError(
+                f"{opts_key} item {item!r} is not key=value: a LazyConfig teacher takes "
+                "'key=value' strings, e.g. 'model.backbone.bottom_up.stages.depth=101'."
+            )
+        key = str(item).split("=", 1)[0].strip()
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise _unknown_key_error(key, cfg, config, opts_key)
 
 
 def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
@@ -174,7 +230,9 @@ def build_lazy_teacher(
     """
     path = resolve_config_file(config, key="model.teacher.config")
     if path.endswith(".py"):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
+        cfg = LazyConfig.load(path)
+        _check_lazy_overrides(cfg, list(overrides), config)
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
         if "model" not in cfg:
             raise ValueError(f"The teacher config {config!r} defines no `model`.")
         target = cfg.model.get("_target_", "")
@@ -182,7 +240,10 @@ def build_lazy_teacher(
             raise ValueError(_DISTILLER_AS_TEACHER.format(config))
         teacher = instantiate(cfg.model)
     else:
-        teacher = build_model(teacher_cfg_from_file(path, overrides, key="model.teacher.config"))
+        tcfg = teacher_cfg_from_file(
+            path, overrides, key="model.teacher.config", opts_key="model.teacher.overrides"
+        )
+        teacher = build_model(tcfg)
     load_teacher_weights(
         teacher,
         weights,

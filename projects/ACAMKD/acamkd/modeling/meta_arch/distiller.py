@@ -2,7 +2,7 @@
 
 import contextlib
 import logging
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,7 @@ class ACAMDistiller(nn.Module):
         self.student_input_format = student_input_format
         self.teacher_input_format = teacher_input_format
         self.logits_grid = logits_grid
+        _check_tasks(student, teacher, distill_target)
         _check_levels(student, teacher, list(acam.keys()), distill_target)
         _check_channels(student, teacher, acam, distill_target)
         if inherit_teacher:
@@ -127,6 +128,13 @@ class ACAMDistiller(nn.Module):
     def from_config(cls, cfg: CfgNode):
         scfg = build_student_cfg(cfg)
         tcfg = build_teacher_cfg(cfg)
+        # Before anything is built or loaded: a teacher of another task fails here.
+        _check_tasks(
+            scfg.MODEL.META_ARCHITECTURE,
+            tcfg.MODEL.META_ARCHITECTURE,
+            cfg.MODEL.ACAMKD.DISTILL_TARGET,
+            cfg.MODEL.ACAMKD.TEACHER.CONFIG_FILE,
+        )
         student = build_model(scfg)
         teacher = build_frozen_teacher(
             tcfg, allow_random_init=cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT
@@ -143,7 +151,9 @@ class ACAMDistiller(nn.Module):
             if t_classes != s_classes:
                 raise ValueError(
                     f"Teacher predicts {t_classes} classes and student {s_classes} "
-                    "(MODEL.SEM_SEG_HEAD.NUM_CLASSES): logits distillation needs the same classes."
+                    "(MODEL.SEM_SEG_HEAD.NUM_CLASSES): logits distillation needs the same classes. "
+                    "Give a teacher trained on the student's classes, or set the student's "
+                    "MODEL.SEM_SEG_HEAD.NUM_CLASSES to the teacher's."
                 )
             channels = {_LOGITS: (t_classes, s_classes)}
         acam = nn.ModuleDict(
@@ -362,6 +372,54 @@ def _check_teacher_crop(scfg: CfgNode, tcfg: CfgNode, teacher: nn.Module) -> Non
         f"would not run on the student's images. Set MODEL.ACAMKD.TEACHER.OPTS {fix}; the "
         "pooling has no weights, so the teacher's checkpoint still loads."
     )
+
+
+# The task of detectron2's meta-architectures (and this project's), by class name; a subclass
+# solves its base's task. Teacher and student must solve the same one.
+_TASKS = {
+    "RetinaNet": "detection",
+    "GeneralizedRCNN": "detection",
+    "ProposalNetwork": "detection",
+    "FCOS": "detection",
+    "RepPoints": "detection",
+    "SemanticSegmentor": "semantic segmentation",
+    "PanopticFPN": "panoptic segmentation",
+}
+
+
+def _task(arch) -> Tuple[str, Optional[str]]:
+    """(name, task) of a meta-architecture given by name or as a module; task None if unknown."""
+    if isinstance(arch, str):
+        return arch, _TASKS.get(arch)
+    for cls in type(arch).__mro__:
+        if cls.__name__ in _TASKS:
+            return type(arch).__name__, _TASKS[cls.__name__]
+    return type(arch).__name__, None
+
+
+def _check_tasks(student, teacher, target: str, teacher_config: str = "") -> None:
+    """
+    Teacher and student solve the same task, and logits distillation has a segmentor student.
+
+    Args:
+        student, teacher (str or nn.Module): meta-architecture names or the built models.
+        target (str): MODEL.ACAMKD.DISTILL_TARGET.
+        teacher_config (str): the teacher's config file, for the message.
+    """
+    (s_name, s_task), (t_name, t_task) = _task(student), _task(teacher)
+    if s_task and t_task and s_task != t_task:
+        given = f" (now {teacher_config!r})" if teacher_config else ""
+        raise ValueError(
+            f"The teacher is a {t_name} ({t_task}) but the student a {s_name} ({s_task}): "
+            "ACAM-KD distils a teacher of the student's own task. Set "
+            f"MODEL.ACAMKD.TEACHER.CONFIG_FILE{given} (model.teacher.config in a LazyConfig) "
+            f"to the config of a {s_task} model."
+        )
+    if target == "sem_seg_logits" and s_task and s_task != "semantic segmentation":
+        raise ValueError(
+            f"MODEL.ACAMKD.DISTILL_TARGET 'sem_seg_logits' distils semantic segmentation "
+            f"logits, but the student is a {s_name} ({s_task}): use 'fpn'."
+        )
 
 
 def _shared_levels(student: nn.Module, teacher: nn.Module, requested: List[str]) -> List[str]:
