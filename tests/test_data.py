@@ -36,6 +36,7 @@ from acamkd.data import (
     register_coco_datasets,
     streets_dataset_names,
 )
+from acamkd.data.street_scene import render_street_scene
 
 NUM_TRAIN, NUM_VAL, WIDTH, HEIGHT = 6, 3, 128, 64
 SMALL = dict(num_train=NUM_TRAIN, num_val=NUM_VAL, width=WIDTH, height=HEIGHT, progress=False)
@@ -425,6 +426,8 @@ def test_generate_data_tool(tmp_path, monkeypatch, capsys):
         "64",
         "--height",
         "32",
+        "--max-depth",
+        "30",
         "--no-progress",
     ]
     monkeypatch.setattr(sys, "argv", argv)
@@ -436,6 +439,25 @@ def test_generate_data_tool(tmp_path, monkeypatch, capsys):
         "seed": 0,
         "width": 64,
         "height": 32,
+        "max_depth": 30.0,
         "num_train": 2,
         "num_val": 1,
     }
+
+
+def test_max_depth_brings_the_objects_nearer():
+    def median_box_area(max_depth):
+        areas = []
+        for i in range(12):
+            scene = render_street_scene(np.random.default_rng([7, i]), 320, 160, max_depth)
+            for label, poly in scene.objects:
+                if label in STREETS_THING_CLASSES:
+                    areas.append(np.ptp(poly[:, 0]) * np.ptp(poly[:, 1]))
+        return np.median(areas), len(areas)
+
+    far_area, far_count = median_box_area(65.0)
+    near_area, near_count = median_box_area(20.0)
+    assert near_area > 1.3 * far_area
+    assert near_count > 0.5 * far_count  # nearer, not fewer
+    with pytest.raises(ValueError, match="max_depth must be at least 10"):
+        generate_streets("/nonexistent", num_train=1, num_val=1, max_depth=5)

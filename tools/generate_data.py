@@ -31,6 +31,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-val", type=int, default=60, help="validation images")
     parser.add_argument("--width", type=int, default=320, help="image width in pixels")
     parser.add_argument("--height", type=int, default=160, help="image height in pixels")
+    parser.add_argument(
+        "--max-depth", type=float, default=65.0, help="farthest object depth in metres"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -47,6 +50,7 @@ def main() -> None:
         num_val=args.num_val,
         width=args.width,
         height=args.height,
+        max_depth=args.max_depth,
         seed=args.seed,
         force=args.force,
         progress=not args.no_progress,

@@ -205,8 +205,9 @@ class _Layer:
 class _SceneBuilder:
     """Lays out one scene as layers; ``build()`` returns them in drawing order."""
 
-    def __init__(self, rng: np.random.Generator, width: int, height: int):
+    def __init__(self, rng: np.random.Generator, width: int, height: int, max_depth: float = 65.0):
         self.rng = rng
+        self.max_depth = max_depth
         self.cam = _Camera(width, height, rng)
         self.width, self.height = width, height
         self.layers: List[_Layer] = []
@@ -466,6 +467,10 @@ class _SceneBuilder:
         # Log-uniform depth: as many objects 10-20 px tall as 40-80 px tall.
         return float(math.exp(self.rng.uniform(math.log(near), math.log(far))))
 
+    def _thing_depth(self, x: float, far: float = 65.0, near: float = 0.0) -> float:
+        """:meth:`_random_depth` of an annotated object: ``far`` is capped by ``max_depth``."""
+        return self._random_depth(x, min(far, self.max_depth), near)
+
     def _street_furniture(self) -> None:
         rng, cam = self.rng, self.cam
         for _ in range(int(rng.integers(0, 7))):
@@ -591,7 +596,7 @@ class _SceneBuilder:
         rng = self.rng
         xl, xr = self.road_left + 1.0, self.road_right - 1.0
         x = rng.uniform(xl, max(xl, xr))
-        z = self._random_depth(x)
+        z = self._thing_depth(x)
         if rng.random() < 0.6:
             # A queue in one lane: the nearer car hides the lower part of the farther ones.
             for _ in range(1 + int(rng.integers(0, 3) if rng.random() < 0.35 else 0)):
@@ -599,7 +604,7 @@ class _SceneBuilder:
                 z += rng.uniform(5.5, 12)
         else:
             sprite = sprites.car_side(rng)
-            z = self._random_depth(x, near=7.0)
+            z = self._thing_depth(x, near=7.0)
             self._car(sprites.flip(sprite) if rng.random() < 0.5 else sprite, x, z)
 
     def _car(self, sprite: Dict[str, np.ndarray], x: float, z: float) -> None:
@@ -640,7 +645,7 @@ class _SceneBuilder:
         xl, xr = self.road_left + 1.3, self.road_right - 1.3
         # Not too near: a crossing truck a few metres away would hide the whole street.
         x = rng.uniform(xl, max(xl, xr))
-        z = self._random_depth(x, near=12.0)
+        z = self._thing_depth(x, near=12.0)
         rear = rng.random() < 0.5
         sprite = sprites.truck_rear(rng) if rear else sprites.truck_side(rng)
         if not rear and rng.random() < 0.5:
@@ -677,7 +682,7 @@ class _SceneBuilder:
         side = _pick(rng, (-1, 1))
         on_road = rng.random() < 0.25
         x = rng.uniform(self.road_left, self.road_right) if on_road else self._walk_x(side)
-        z = self._random_depth(x, 50)
+        z = self._thing_depth(x, 50)
         # Pedestrians come in groups: neighbours overlap one another.
         for _ in range(1 + (int(rng.integers(1, 4)) if rng.random() < 0.35 else 0)):
             self._person(x, z)
@@ -742,7 +747,7 @@ class _SceneBuilder:
         side = _pick(rng, (-1, 1))
         edge = self.road_left + 0.8 if side < 0 else self.road_right - 0.8
         x = edge + rng.uniform(-0.3, 0.3)
-        z = self._random_depth(x, 50)
+        z = self._thing_depth(x, 50)
         bike, rider = sprites.bicycle(), sprites.rider()
         if rng.random() < 0.5:
             bike, rider = sprites.flip(bike), sprites.flip(rider)
@@ -754,7 +759,7 @@ class _SceneBuilder:
     def _parked_bicycles(self) -> None:
         rng = self.rng
         x = self._walk_x(_pick(rng, (-1, 1)), 0.8)
-        z = self._random_depth(x, 50)
+        z = self._thing_depth(x, 50)
         flip = rng.random() < 0.5
         for _ in range(int(rng.integers(1, 4))):
             bike = sprites.flip(sprites.bicycle()) if flip else sprites.bicycle()
@@ -859,7 +864,7 @@ def _finish(image: np.ndarray, rng: np.random.Generator, horizon: float, fog) ->
 
 
 def render_street_scene(
-    rng: np.random.Generator, width: int = 320, height: int = 160
+    rng: np.random.Generator, width: int = 320, height: int = 160, max_depth: float = 65.0
 ) -> StreetScene:
     """Lay out, annotate and render one street scene.
 
@@ -868,11 +873,14 @@ def render_street_scene(
             gives the same scene, bit for bit.
         width (int): image width in pixels.
         height (int): image height in pixels.
+        max_depth (float): the farthest depth, in metres, at which cars, trucks, people and
+            bicycles stand (people and bicycles at most 50 m). Depths are log-uniform from
+            the nearest visible one, so a smaller value means fewer tiny objects.
 
     Returns:
         StreetScene: the image, the polygons in drawing order and the three label maps.
     """
-    builder = _SceneBuilder(rng, width, height)
+    builder = _SceneBuilder(rng, width, height, max_depth)
     layers = []
     for layer in builder.build():
         poly = _clip_polygon(layer.polygon, width, height)

@@ -194,6 +194,7 @@ def generate_streets(
     num_val: int = 60,
     width: int = 320,
     height: int = 160,
+    max_depth: float = 65.0,
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
@@ -211,6 +212,8 @@ def generate_streets(
         num_val (int): number of validation images (at least 1).
         width (int): image width in pixels (at least 32).
         height (int): image height in pixels (at least 32); Cityscapes' aspect is 2:1.
+        max_depth (float): farthest depth of the annotated objects in metres (at least 10);
+            smaller means larger objects on average (see :func:`render_street_scene`).
         seed (int): seed of the whole set; image i of a split depends only on (seed, split, i).
         force (bool): regenerate even when the manifest matches.
         progress (bool): show a tqdm progress bar (on a terminal).
@@ -223,10 +226,13 @@ def generate_streets(
         raise ValueError("num_train and num_val must be in [1, 999999], got {}".format(counts))
     if width < 32 or height < 32:
         raise ValueError("width and height must be at least 32, got {}x{}".format(width, height))
+    if max_depth < 10:
+        raise ValueError("max_depth must be at least 10 (metres), got {}".format(max_depth))
     params = {
         "seed": int(seed),
         "width": int(width),
         "height": int(height),
+        "max_depth": float(max_depth),
         "num_train": counts["train"],
         "num_val": counts["val"],
     }
@@ -263,7 +269,7 @@ def generate_streets(
         images, annotations = [], []
         for i in range(counts[split]):
             rng = np.random.default_rng([params["seed"], split_index, i])
-            scene = render_street_scene(rng, width, height)
+            scene = render_street_scene(rng, width, height, params["max_depth"])
             _write_cityscapes(writer, split, i, scene)
             file_name = _frame_stem(split, i) + ".png"
             writer.write("coco/{}/{}".format(split, file_name), _png(scene.image[:, :, ::-1]))
