@@ -13,7 +13,6 @@ it.
 """
 
 import hashlib
-import logging
 import os
 import signal
 import subprocess
@@ -28,8 +27,6 @@ __all__ = [
     "rendezvous_from_job_environment",
     "rendezvous_port",
 ]
-
-logger = logging.getLogger(__name__)
 
 # train_net.py options that the launcher sets from the Slurm environment.
 LAUNCH_OPTIONS = ("--num-gpus", "--num-machines", "--machine-rank", "--dist-url")
@@ -159,10 +156,10 @@ class TrainingJob:
         job_env = import_submitit().JobEnvironment()
         rendezvous = rendezvous_from_job_environment(job_env, self.num_gpus, self.port)
         cmd = self.command(rendezvous)
-        logger.info("%s: %s", job_env, " ".join(cmd))
         print(f"[acamkd.slurm] {job_env}\n[acamkd.slurm] {' '.join(cmd)}", flush=True)
-        # A signal handled by submitit while this waits raises in the wait; the context manager
-        # then kills the training process, and the requeued job resumes from its checkpoint.
+        # On preemption submitit's SIGUSR2 handler raises (SystemExit) inside this wait: the
+        # training process is killed, and the requeued job resumes from its last checkpoint.
+        # detectron2's per-GPU workers go when Slurm ends the job (it kills all its processes).
         with subprocess.Popen(cmd, preexec_fn=_ignore_scheduler_signals) as proc:
             try:
                 returncode = proc.wait()
