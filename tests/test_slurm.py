@@ -229,3 +229,23 @@ def test_time_limits_and_output_overrides() -> None:
     yaml = tool.output_dir_override(["--config-file", "a.yaml", "SOLVER.MAX_ITER", "5"], "/o")
     assert yaml == ["OUTPUT_DIR", "/o"]
     assert tool.output_dir_override(["--config-file=b.py"], "/o") == ["train.output_dir=/o"]
+
+
+def test_sbatch_script_from_the_launcher_options(tmp_path: Path, monkeypatch) -> None:
+    # submitit's Slurm executor only checks that srun exists before writing the batch script.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    tool = _submit_tool()
+    out = tmp_path / "run"
+    options = ["--nodes", "2", "--gpus-per-node", "8", "--partition", "learnfair"]
+    options += ["--time", "3-00:00:00", "--account", "acc", "--output-dir", str(out)]
+    args = tool.build_parser().parse_args(options + ["--", "--config-file", "x.yaml"])
+    executor = tool.make_executor(args)
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit", "u")
+    lines = set(script.splitlines())
+    expected = {"--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=1", "--time=4320"}
+    expected |= {"--partition=learnfair", "--account=acc", "--signal=USR2@90"}
+    expected |= {f"--output={out}/submitit/%j_0_log.out", "--cpus-per-task=80"}
+    assert {f"#SBATCH {e}" for e in expected} <= lines, script

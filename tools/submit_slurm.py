@@ -113,7 +113,7 @@ def make_executor(args: argparse.Namespace):
     folder = os.path.join(os.path.abspath(args.output_dir), "submitit")
     executor = submitit.AutoExecutor(
         folder=folder,
-        cluster=None if args.cluster == "slurm" else args.cluster,
+        cluster=args.cluster,
         slurm_max_num_timeout=args.max_requeue,
         local_max_num_timeout=args.max_requeue,
     )
