@@ -163,3 +163,32 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path, tiny_streets, monkeypatch):
     assert [r["values"] for r in again["variants"]] == [r["values"] for r in study["variants"]]
     for d, t in mtimes.items():
         assert os.path.getmtime(os.path.join(out, d, "model_final.pth")) == t
+
+
+def test_stage_is_finished_only_when_readable_and_trained_as_asked(tmp_path, monkeypatch):
+    import acamkd.stages as stages
+
+    calls = []
+
+    def fake_train(cmd, check, cwd):  # what train_net.py leaves behind
+        out = cmd[cmd.index("OUTPUT_DIR") + 1]
+        calls.append(cmd)
+        torch.save({"model": {}, "iteration": 3}, os.path.join(out, "model_final.pth"))
+
+    monkeypatch.setattr(stages.subprocess, "run", fake_train)
+    root = str(tmp_path)
+    stage = stages.Stage("s", f"{DET}/retinanet_R_18_FPN_streets.yaml", ["SOLVER.MAX_ITER", "4"])
+    assert not stage.is_finished(root)
+    assert stage.run(root) and stage.is_finished(root) and len(calls) == 1
+    assert not stage.run(root) and len(calls) == 1  # finished: skipped
+    # Another schedule: not finished, and the old folder is not resumed but emptied.
+    (tmp_path / "s" / "model_0000001.pth").write_bytes(b"old")
+    longer = stages.Stage("s", stage.config, ["SOLVER.MAX_ITER", "8"])
+    assert not longer.is_finished(root)
+    assert longer.run(root) and len(calls) == 2
+    assert not (tmp_path / "s" / "model_0000001.pth").exists()
+    # A truncated final checkpoint is not finished: the stage trains (resumes) again.
+    final = tmp_path / "s" / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:20])
+    assert not longer.is_finished(root)
+    assert longer.run(root) and len(calls) == 3 and longer.is_finished(root)

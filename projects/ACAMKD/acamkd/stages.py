@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-import torch
+from .checkpoint import is_readable_checkpoint
 
 __all__ = ["Stage", "REPO_ROOT", "final_metrics", "read_metrics"]
 
@@ -28,14 +28,6 @@ REPO_ROOT = os.path.dirname(
 )
 _RECORD = "stage.json"
 _FINAL = "model_final.pth"
-
-
-def _readable(path: str) -> bool:
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # truncated or foreign files fail in many ways
-        return False
-    return True
 
 
 @dataclass
@@ -88,7 +80,7 @@ class Stage:
         with open(record) as f:
             if json.load(f) != self._record():
                 return False
-        return _readable(os.path.join(out, _FINAL))
+        return is_readable_checkpoint(os.path.join(out, _FINAL))
 
     def run(self, root: str) -> bool:
         """
