@@ -151,3 +151,13 @@ def test_lazy_config_switch_builds_the_no_mask_row():
     cfg = LazyConfig.apply_overrides(cfg, ["model.acam.masks=none"])
     acam = instantiate(cfg.model.acam)
     assert all(level.masks == "none" and level.ascm is None for level in acam.values())
+
+
+def test_mask_figure_refuses_a_row_without_both_masks():
+    from acamkd.visualization import _level_maps
+
+    teacher, student = _level_inputs()
+    level = ACAMLevel(teacher_channels=16, student_channels=8, masks="spatial")
+    out = level(teacher, student, return_masks=True)
+    with pytest.raises(ValueError, match="MODEL.ACAMKD.MASKS"):
+        _level_maps(out, (5, 6), (1.0, 1.0))

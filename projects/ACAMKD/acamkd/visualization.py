@@ -140,6 +140,12 @@ def _strides(model: ACAMDistiller, outputs: Dict[str, ACAMOutput], padded_hw) ->
 def _level_maps(out: ACAMOutput, image_hw, stride: Tuple[float, float]) -> LevelMaps:
     masks = out.masks
     assert masks is not None, "ACAMOutput without masks: run with return_masks=True"
+    if "spatial" not in masks or "channel" not in masks:
+        raise ValueError(
+            "The mask figure draws spatial and channel masks, but this model computes "
+            f"{sorted(k for k in ('spatial', 'channel') if k in masks) or 'none'}: it was built "
+            "with another MODEL.ACAMKD.MASKS than 'spatial_channel' (an ablation row)."
+        )
     grid_h, grid_w = masks["spatial"].shape[-2:]
     cell_h, cell_w = stride
     valid_h = min(grid_h, math.ceil(image_hw[0] / cell_h))

@@ -86,6 +86,15 @@ class MaskVisualizationHook(HookBase):
         model = unwrap_distiller(self.trainer.model)
         if model is None:
             return
+        kinds = {level.masks for level in model.acam.values()}
+        if kinds != {"spatial_channel"}:
+            _logger.warning(
+                "VIS_PERIOD: the mask figure draws spatial and channel masks, but this model "
+                "has MODEL.ACAMKD.MASKS %s: no figure is made.",
+                sorted(kinds),
+            )
+            self._period = 0
+            return
         if self._inputs is None:
             datasets = self._cfg.DATASETS.TEST or self._cfg.DATASETS.TRAIN
             self._inputs = load_images(self._cfg, dataset=datasets[0], num_images=1)
