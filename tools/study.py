@@ -110,7 +110,7 @@ def main() -> None:
     if args.train_teacher:
         Stage("teacher", teacher_config, [], args.num_gpus).run(args.output_dir)
         teacher_weights = os.path.join(args.output_dir, "teacher", "model_final.pth")
-    if not teacher_weights:
+    if not teacher_weights and not all(v.student_only for v in variants):
         raise SystemExit("Give --teacher-weights, or --train-teacher to train one first.")
     spec = StudySpec(
         config=args.config_file,

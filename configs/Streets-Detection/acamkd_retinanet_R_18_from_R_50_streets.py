@@ -1,5 +1,5 @@
 """
-ACAM-KD student of the demo: RetinaNet R-18-FPN distilled from the R-50-FPN teacher
+RetinaNet R-18-FPN student distilled from the R-50-FPN teacher
 (retinanet_R_50_FPN_streets.yaml), with the schedule and seed of the baseline
 retinanet_R_18_FPN_streets.py; the LazyConfig twin of acamkd_retinanet_R_18_from_R_50_streets.yaml.
 

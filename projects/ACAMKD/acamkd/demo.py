@@ -13,7 +13,8 @@ import logging
 import os
 import statistics
 import time
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .compare import ModelSpec, compare_models, format_markdown, json_safe
 from .data import generate_streets
@@ -38,19 +39,31 @@ def _schedule(max_iter: int) -> List[str]:
     ]
 
 
-# Per task: the stages' configs (teacher, student baseline, ACAM-KD student) and the dataset
-# all three are compared on.
+@dataclass(frozen=True)
+class _Task:
+    """A demo task: its configs (teacher, student baseline, ACAM-KD student), the dataset all
+    three are compared on, and the default schedules (iterations)."""
+
+    folder: str
+    configs: Tuple[str, str, str]
+    dataset: str
+    teacher_iters: int
+    student_iters: int
+
+
 _TASKS = {
-    "detection": (
+    "detection": _Task(
         os.path.join("configs", "Streets-Detection"),
         (
-            "retinanet_R_50_FPN_streets.yaml",
+            "retinanet_R_18_FPN_wide_streets.yaml",
             "retinanet_R_18_FPN_streets.yaml",
-            "acamkd_retinanet_R_18_from_R_50_streets.yaml",
+            "acamkd_retinanet_R_18_from_R_18_wide_streets.yaml",
         ),
         "streets_coco_val",
+        teacher_iters=1500,
+        student_iters=300,
     ),
-    "segmentation": (
+    "segmentation": _Task(
         os.path.join("configs", "Streets-SemanticSegmentation"),
         (
             "deeplabv3_R_18_wide_OS8_streets.yaml",
@@ -58,6 +71,8 @@ _TASKS = {
             "acamkd_deeplabv3_R_18_OS8_from_deeplabv3_R_18_wide_OS8_streets.yaml",
         ),
         "streets_sem_seg_val",
+        teacher_iters=300,
+        student_iters=180,
     ),
 }
 
@@ -70,8 +85,8 @@ def demo_stages(
     task: str = "detection",
 ) -> List[Stage]:
     """
-    Teacher, student baseline and ACAM-KD student of ``task``: RetinaNet R-50-FPN -> R-18-FPN
-    for "detection", DeepLabV3 wide R-18 -> R-18 for "segmentation".
+    Teacher, student baseline and ACAM-KD student of ``task``: RetinaNet wide R-18-FPN ->
+    R-18-FPN for "detection", DeepLabV3 wide R-18 -> R-18 for "segmentation".
 
     Args:
         extra_opts (list[str]): KEY VALUE overrides of every stage; the ACAM-KD stage also gives
@@ -79,7 +94,7 @@ def demo_stages(
     """
     if task not in _TASKS:
         raise ValueError(f"Unknown demo task {task!r}; expected one of {sorted(_TASKS)}.")
-    folder, (teacher, baseline, acamkd), _ = _TASKS[task]
+    folder, (teacher, baseline, acamkd) = _TASKS[task].folder, _TASKS[task].configs
     teacher_weights = os.path.join(output_dir, "teacher", "model_final.pth")
     extra = list(extra_opts)
     return [
@@ -118,12 +133,13 @@ def read_training_log(output_dir: str) -> Dict[str, float]:
 def run_demo(
     output_dir: str,
     *,
-    num_train: int = 240,
-    num_val: int = 60,
+    num_train: int = 320,
+    num_val: int = 80,
     width: int = 320,
     height: int = 160,
-    teacher_iters: int = 300,
-    student_iters: int = 180,
+    max_depth: float = 14.0,
+    teacher_iters: Optional[int] = None,
+    student_iters: Optional[int] = None,
     extra_opts: Sequence[str] = (),
     task: str = "detection",
     command: str = "make demo",
@@ -134,6 +150,7 @@ def run_demo(
     Args:
         extra_opts (list[str]): KEY VALUE overrides given to every stage (e.g. to shrink).
         task (str): "detection" (COCO box AP) or "segmentation" (mIoU), see :data:`_TASKS`.
+        teacher_iters, student_iters (int or None): schedules; None: the task's default.
 
     Returns:
         str: the Markdown table.
@@ -141,7 +158,13 @@ def run_demo(
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     # Under $DETECTRON2_DATASETS (default ./datasets), where the streets_* names point.
-    generate_streets(num_train=num_train, num_val=num_val, width=width, height=height)
+    generate_streets(
+        num_train=num_train, num_val=num_val, width=width, height=height, max_depth=max_depth
+    )
+    if task not in _TASKS:
+        raise ValueError(f"Unknown demo task {task!r}; expected one of {sorted(_TASKS)}.")
+    teacher_iters = teacher_iters or _TASKS[task].teacher_iters
+    student_iters = student_iters or _TASKS[task].student_iters
     stages = demo_stages(output_dir, teacher_iters, student_iters, extra_opts, task)
     seconds = {}
     for stage in stages:
@@ -159,7 +182,7 @@ def run_demo(
         )
         for s in stages
     ]
-    rows = compare_models(specs, dataset=_TASKS[task][2], output_dir=output_dir)
+    rows = compare_models(specs, dataset=_TASKS[task].dataset, output_dir=output_dir)
     for stage, row in zip(stages, rows):
         row.update(read_training_log(os.path.join(output_dir, stage.name)))
     table = format_markdown(rows, extra_columns=[("train s/iter", "train_s_per_iter", 3)])

@@ -283,7 +283,8 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
 
     Args:
         teacher_row (dict or None): the teacher's evaluation (``{"metrics": {...}}``), for the
-            gap column; None evaluates ``spec.teacher_config`` with ``spec.teacher_weights``.
+            gap column; None evaluates ``spec.teacher_config`` with ``spec.teacher_weights``
+            (no teacher row when there are no teacher weights: a baselines-only study).
 
     Returns:
         dict: what ``study.json`` holds: "variants" (the summary rows), "runs", "teacher" and
@@ -326,7 +327,7 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
                 "(DATASETS.TEST / dataloader.test)?"
             )
         runs.append({"variant": variant.name, "seed": seed, "dir": stage.name, **result})
-    if teacher_row is None:
+    if teacher_row is None and spec.teacher_weights:
         teacher_row = _evaluate_teacher(spec, output_dir)
     summary = summarize(runs, [v.name for v in spec.variants], teacher_row)
     study = {"variants": summary, "runs": runs, "teacher": teacher_row, "seeds": list(spec.seeds)}
