@@ -1,19 +1,15 @@
 """
-RetinaNet R-18-FPN student distilled from the R-50-FPN teacher
-(retinanet_R_50_FPN_streets.yaml), with the schedule and seed of the baseline
-retinanet_R_18_FPN_streets.py; the LazyConfig twin of acamkd_retinanet_R_18_from_R_50_streets.yaml.
+RetinaNet R-18-FPN student distilled from the R-50-FPN teacher (retinanet_R_50_FPN_streets.yaml),
+with the schedule and seed of the baseline retinanet_R_18_FPN_streets.py; the LazyConfig twin of
+acamkd_retinanet_R_18_from_R_50_streets.yaml. The demo's pair with the wide R-18 teacher, with
+only the teacher changed (both FPNs are 128 wide).
 
     python train_net.py \
         --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets.py \
-        model.teacher.weights=output/demo/teacher/model_final.pth
+        model.teacher.weights=output/streets/retinanet_R_50_FPN/model_final.pth
 """
 
-from detectron2.config import LazyCall as L
-
-from acamkd.lazy import build_acam_levels, build_lazy_teacher
-from acamkd.modeling import ACAMDistiller
-
-from .retinanet_R_18_FPN_streets import (  # noqa: F401
+from .acamkd_retinanet_R_18_from_R_18_wide_streets import (  # noqa: F401
     dataloader,
     lr_multiplier,
     model,
@@ -21,20 +17,5 @@ from .retinanet_R_18_FPN_streets import (  # noqa: F401
     train,
 )
 
-model = L(ACAMDistiller)(
-    student=model,
-    teacher=L(build_lazy_teacher)(
-        config="configs/Streets-Detection/retinanet_R_50_FPN_streets.yaml", weights=""
-    ),
-    acam=L(build_acam_levels)(
-        levels="${..student.head_in_features}",
-        teacher_channels=128,  # the teacher's FPN width (Base-Streets-RetinaNet.yaml)
-        student_channels="${..student.backbone.out_channels}",
-        num_masks=6,
-    ),
-    distill_target="fpn",
-    student_input_format="${..dataloader.train.mapper.image_format}",
-    teacher_input_format="BGR",
-)
-
+model.teacher.config = "configs/Streets-Detection/retinanet_R_50_FPN_streets.yaml"
 train.output_dir = "./output/streets/acamkd_retinanet_R_18_from_R_50"
