@@ -74,6 +74,14 @@ def _check_device(cfg: DictConfig) -> None:
         )
 
 
+def _dataset_names(cfg: DictConfig, split: str):
+    """``dataloader.<split>.dataset.names`` (detectron2's standard loaders), else None."""
+    try:
+        return OmegaConf.select(cfg, f"dataloader.{split}.dataset.names", default=None)
+    except Exception:  # a loader of another layout, e.g. a plain list
+        return None
+
+
 def do_test(cfg: DictConfig, model: torch.nn.Module) -> Optional[Dict]:
     """
     Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``.
@@ -108,13 +116,13 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    if "mapper" in cfg.dataloader.train:
+    if isinstance(cfg.dataloader.train, DictConfig) and "mapper" in cfg.dataloader.train:
         # An image that cannot be read stops training with its file name (docs/TROUBLESHOOTING).
         cfg.dataloader.train.mapper = StopOnUnreadableImage(
             instantiate(cfg.dataloader.train.mapper), "dataloader.train.dataset.names"
         )
     train_loader = instantiate(cfg.dataloader.train)
-    names = OmegaConf.select(cfg, "dataloader.train.dataset.names", default=None)
+    names = _dataset_names(cfg, "train")
     if names is not None:  # loaded by now, so their metadata has their classes
         check_num_classes(names, model, yaml=False, dataset_key="dataloader.train.dataset.names")
 
@@ -163,10 +171,10 @@ def main(args) -> Optional[Dict]:
         dict or None: the evaluation results with ``--eval-only``.
     """
     cfg = setup_lazy(args)
-    keys = ["dataloader.test.dataset.names"]
-    if not args.eval_only:
-        keys.insert(0, "dataloader.train.dataset.names")
-    check_datasets_registered({key: OmegaConf.select(cfg, key, default=None) for key in keys})
+    splits = ["test"] if args.eval_only else ["train", "test"]
+    check_datasets_registered(
+        {f"dataloader.{split}.dataset.names": _dataset_names(cfg, split) for split in splits}
+    )
     if not args.eval_only:
         do_train(cfg, resume=args.resume)
         return None
