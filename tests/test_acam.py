@@ -127,8 +127,9 @@ def test_fused_kernel_runs_without_math_fallback():
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), pytest.raises(RuntimeError):
         F.scaled_dot_product_attention(q, q, torch.randn(1, 1, 16, 8))
 
-    # N = 3072 positions, odd C: forward and backward of a whole level on the fused kernel.
-    level = ACAMLevel(teacher_channels=19, student_channels=12)
+    # N = 3072 positions, odd C: forward and backward of a whole level on the fused kernel
+    # (the CPU default is the chunked attention, which calls no SDPA).
+    level = ACAMLevel(teacher_channels=19, student_channels=12, attention="sdpa")
     teacher, student = _inputs(1, 19, 12, 48, 64)
     student.requires_grad_(True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """
-Benchmark one ACAM-KD level (forward + backward) on the CPU: the fused SDPA path against a naive
+Benchmark one ACAM-KD level (forward + backward) on the CPU: the fused SDPA path
+(``MODEL.ACAMKD.ATTENTION sdpa``), the chunked path (``chunked``, the CPU default) and a naive
 path that materialises the N x N attention matrix.
 
 Cases: RetinaNet p3 of a 1333x800 image (C=256, 100x168, N=16,800) and Faster R-CNN p2 (C=256,
@@ -67,7 +68,8 @@ def run_worker(case_name: str, path: str, threads: int, repeats: int) -> Dict:
     # Same inputs and weights on both paths, so their losses must agree.
     teacher = torch.randn(1, c, h, w)
     student = torch.randn(1, c, h, w, requires_grad=True)
-    level = ACAMLevel(teacher_channels=c, student_channels=c)
+    attention = "chunked" if path == "chunked" else "sdpa"
+    level = ACAMLevel(teacher_channels=c, student_channels=c, attention=attention)
     if path == "naive":
         naive = NaiveSTCAFusion(c)
         naive.load_state_dict(level.fusion.state_dict())
@@ -76,6 +78,8 @@ def run_worker(case_name: str, path: str, threads: int, repeats: int) -> Dict:
     if path == "fused":
         # Only the fused kernel is allowed: an unsupported input raises instead of falling back.
         backend_ctx, backend = sdpa_kernel([SDPBackend.FLASH_ATTENTION]), "FLASH_ATTENTION"
+    elif path == "chunked":
+        backend_ctx, backend = contextlib.nullcontext(), "chunked (one head, full width)"
     else:
         backend_ctx, backend = contextlib.nullcontext(), "explicit softmax (N x N)"
 
@@ -169,7 +173,7 @@ def main() -> None:
     for case_name in args.cases.split(","):
         case = CASES[case_name]
         n = case["height"] * case["width"]
-        for path in ("fused", "naive"):
+        for path in ("fused", "chunked", "naive"):
             a_gb = attention_matrix_gb(case)
             if path == "naive" and a_gb > args.naive_limit_gb:
                 reason = (

@@ -90,6 +90,12 @@ def add_acamkd_config(cfg: CN) -> None:
     _C.MODEL.ACAMKD.MASK_INIT_STD = 0.01
     # Added to the Dice denominator for numerical safety.
     _C.MODEL.ACAMKD.DICE_EPS = 1e-6
+    # How STCA-FF computes its attention; all three give the same result (docs/METHOD.md,
+    # "Computing the attention"): "chunked" (one head with the full value width over chunks
+    # of queries, fewer multiply-adds; fastest on the CPU), "sdpa" (the fused
+    # scaled_dot_product_attention kernels, the value split into C_q-wide heads; fastest on
+    # CUDA) or "auto" ("chunked" on the CPU, "sdpa" elsewhere).
+    _C.MODEL.ACAMKD.ATTENTION = "auto"
 
     # ---- Semantic-segmentation student parts (modeling/backbone, modeling/heads) ----
     # The timm MobileNetV2 backbone of the DeepLabV3-MobileNetV2 student

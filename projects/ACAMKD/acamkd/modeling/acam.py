@@ -19,7 +19,7 @@ from .acam_losses import (
     reverse_gradient,
 )
 from .ascm import AdaptiveSpatialChannelMasks
-from .stca_ff import STCAFusion
+from .stca_ff import ATTENTION_IMPLS, STCAFusion
 
 __all__ = ["ACAMLevel", "ACAMOutput", "MASK_KINDS", "MASK_SOURCES"]
 
@@ -95,6 +95,7 @@ class ACAMLevel(nn.Module):
         dice_eps: float = 1e-6,
         masks: str = "spatial_channel",
         mask_source: str = "fused",
+        attention: str = "auto",
     ) -> None:
         """
         Args:
@@ -121,6 +122,8 @@ class ACAMLevel(nn.Module):
             dice_eps (float): added to the Dice denominator.
             masks (str): the masks that weight the feature loss, one of :data:`MASK_KINDS`.
             mask_source (str): what ASCM reads, one of :data:`MASK_SOURCES`.
+            attention (str): how STCA-FF computes the same attention, one of
+                :data:`ATTENTION_IMPLS` ("auto", "chunked", "sdpa").
         """
         super().__init__()
         _check_choice("QUERY_SOURCE", query_source, ("teacher", "student"))
@@ -131,6 +134,7 @@ class ACAMLevel(nn.Module):
         _check_choice("ALIGN", align, ("always", "when_needed"))
         _check_choice("MASKS", masks, MASK_KINDS)
         _check_choice("MASK_SOURCE", mask_source, MASK_SOURCES)
+        _check_choice("ATTENTION", attention, ATTENTION_IMPLS)
         if masks == "channel" and diversity_targets == "spatial":
             raise ValueError(
                 "MODEL.ACAMKD.DIVERSITY_TARGETS 'spatial' needs spatial masks, but MASKS is "
@@ -172,6 +176,7 @@ class ACAMLevel(nn.Module):
                 teacher_channels,
                 query_channel_ratio=query_channel_ratio,
                 query_source=query_source,
+                attention=attention,
             )
         if masks != "none":
             self.ascm = AdaptiveSpatialChannelMasks(
@@ -204,6 +209,7 @@ class ACAMLevel(nn.Module):
             "dice_eps": acam.DICE_EPS,
             "masks": acam.MASKS,
             "mask_source": acam.MASK_SOURCE,
+            "attention": acam.ATTENTION,
         }
 
     def forward(self, teacher: Tensor, student: Tensor, return_masks: bool = False) -> ACAMOutput:

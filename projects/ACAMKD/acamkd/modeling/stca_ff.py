@@ -1,14 +1,22 @@
 """STCA-FF: student-teacher cross-attention feature fusion (docs/METHOD.md, "STCA-FF")."""
 
 import math
+from typing import Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["STCAFusion"]
+__all__ = ["ATTENTION_IMPLS", "STCAFusion", "chunked_attention"]
 
 _QUERY_SOURCES = ("teacher", "student")
 _HEAD_ALIGN = 8
+# MODEL.ACAMKD.ATTENTION: how the (identical) attention is computed. "auto" is "chunked" on the
+# CPU and "sdpa" elsewhere (CUDA); see STCAFusion.
+ATTENTION_IMPLS = ("auto", "chunked", "sdpa")
+# Elements of one (B, queries, N) score buffer of the chunked attention: 2**22 is 16 MB in
+# float32. Forward and backward hold at most three such buffers at once.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _to_sequence(x: Tensor) -> Tensor:
@@ -23,6 +31,86 @@ def _to_sequence(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2).contiguous()
 
 
+def _query_chunk(batch: int, n: int, chunk_elements: int) -> int:
+    """Queries per chunk so that one (batch, chunk, n) buffer holds about chunk_elements."""
+    return max(1, min(n, chunk_elements // max(1, batch * n)))
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """
+    Exact one-head attention ``softmax(q k^T * scale) v`` over query chunks: q k^T is computed
+    once per chunk for the full value width, and the backward recomputes the chunk's scores
+    instead of saving them (as flash attention does), so no N x N buffer exists in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, chunk: int) -> Tensor:
+        b, n, _ = q.shape
+        q = (q * scale).contiguous()
+        k, v = k.contiguous(), v.contiguous()
+        kt = k.transpose(1, 2)  # (B, C_q, N)
+        out = v.new_empty(b, n, v.shape[-1])
+        for i in range(0, n, chunk):
+            probs = torch.softmax(torch.bmm(q[:, i : i + chunk], kt), dim=-1)  # (B, m, N)
+            torch.bmm(probs, v, out=out[:, i : i + chunk])
+            del probs
+        ctx.save_for_backward(q, k, v, out)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out = ctx.saved_tensors  # q already scaled
+        scale, chunk = ctx.scale, ctx.chunk
+        n = q.shape[1]
+        grad_out = grad_out.contiguous()
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        # Row sums of dP * P, which the softmax backward subtracts, equal rowsum(dO * O).
+        delta = (grad_out * out).sum(-1, keepdim=True)  # (B, N, 1)
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros_like(k)
+        grad_v = torch.zeros_like(v)
+        for i in range(0, n, chunk):
+            sl = slice(i, i + chunk)
+            probs = torch.softmax(torch.bmm(q[:, sl], kt), dim=-1)  # (B, m, N)
+            grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, sl])
+            grad_scores = torch.bmm(grad_out[:, sl], vt)  # dP, (B, m, N)
+            grad_scores.sub_(delta[:, sl]).mul_(probs)  # dS = P * (dP - delta)
+            del probs
+            torch.bmm(grad_scores, k, out=grad_q[:, sl])
+            grad_k.baddbmm_(grad_scores.transpose(1, 2), q[:, sl])
+            del grad_scores
+        grad_q.mul_(scale)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def chunked_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, chunk_elements: int = _CHUNK_ELEMENTS
+) -> Tensor:
+    """
+    Exact one-head attention without an N x N buffer, for any value width.
+
+    Args:
+        q (Tensor): (B, N, C_q) queries.
+        k (Tensor): (B, L, C_q) keys.
+        v (Tensor): (B, L, C) values.
+        scale (float): factor of q k^T before the softmax.
+        chunk_elements (int): size of one (B, queries, L) score buffer; forward and backward
+            hold at most three.
+
+    Returns:
+        Tensor: (B, N, C), ``softmax(q k^T * scale) v``. Half-precision inputs are computed in
+        float32 (autocast off) and returned in their dtype.
+    """
+    dtype = v.dtype
+    chunk = _query_chunk(q.shape[0], k.shape[1], chunk_elements)
+    if dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = _ChunkedAttention.apply(q.float(), k.float(), v.float(), scale, chunk)
+        return out.to(dtype)
+    return _ChunkedAttention.apply(q, k, v, scale, chunk)
+
+
 class STCAFusion(nn.Module):
     """
     One-head cross-attention between a teacher and an (aligned) student feature of one level.
@@ -31,21 +119,37 @@ class STCAFusion(nn.Module):
     value from the student, ``F = V softmax_over_keys(Q^T K / sqrt(C_q))^T``; with
     ``query_source="student"`` the roles swap. No residual and no normalisation.
 
-    The ``N x N`` attention matrix is never materialised: the attention runs through
-    :func:`torch.nn.functional.scaled_dot_product_attention`, whose fused (flash) CPU and CUDA
-    kernels need one head width for query, key and value. The value is therefore split into
-    chunks of the query width (C_q rounded up to a multiple of 8, query and key zero-padded to
-    it; the last chunk zero-padded too), run as heads that all share the same Q and K (expanded
-    views, no copy), with the scale ``1/sqrt(C_q)``. The result is exactly one-head attention.
-    Zero-padding Q and K to width C instead costs the same FLOPs and memory, but gives the CPU
-    flash backward, which parallelises over batch x heads only, a single work item at batch 1:
-    it then runs in one thread around a multithreaded BLAS on small blocks, measured 5-7x
-    slower here (N=4200, C=256, 2 threads: 3.8-4.8 s against 0.7-1.0 s). Odd C works too:
-    19 Cityscapes classes give C_q = 9, two heads of width 16.
+    The ``N x N`` attention matrix is never materialised. Two implementations compute the same
+    attention (``attention``, MODEL.ACAMKD.ATTENTION):
+
+    * ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`, whose fused (flash)
+      CPU and CUDA kernels need one head width for query, key and value. The value is therefore
+      split into chunks of the query width (C_q rounded up to a multiple of 8, query and key
+      zero-padded to it; the last chunk zero-padded too), run as heads that all share the same Q
+      and K (expanded views, no copy), with the scale ``1/sqrt(C_q)``. The result is exactly
+      one-head attention, but each head recomputes the same ``Q^T K``: with C = 256 and
+      C_q = 128, forward and backward cost ``N^2 x 1792`` multiply-adds per image, against
+      ``N^2 x 1280`` for one head with the full value width. Zero-padding Q and K to width C
+      instead costs the same, but gives the CPU flash backward, which parallelises over
+      batch x heads only, a single work item at batch 1: it then runs in one thread around a
+      multithreaded BLAS on small blocks, measured 5-7x slower here. On CUDA the fused kernels
+      are far ahead of anything written with separate matrix products, so this is the choice
+      there.
+    * ``"chunked"``: :func:`chunked_attention`, one head with the full value width over chunks
+      of queries, each chunk's ``(B, m, N)`` scores held only while it is processed (about
+      16 MB in float32) and recomputed in the backward: the 28% fewer multiply-adds above, as
+      large matrix products that the CPU BLAS runs on every core. The CPU choice.
+
+    ``"auto"`` (default) picks ``"chunked"`` for CPU tensors and ``"sdpa"`` otherwise. Odd C
+    works on both: 19 Cityscapes classes give C_q = 9 (two SDPA heads of width 16).
     """
 
     def __init__(
-        self, channels: int, query_channel_ratio: float = 0.5, query_source: str = "teacher"
+        self,
+        channels: int,
+        query_channel_ratio: float = 0.5,
+        query_source: str = "teacher",
+        attention: str = "auto",
     ) -> None:
         """
         Args:
@@ -53,6 +157,8 @@ class STCAFusion(nn.Module):
             query_channel_ratio (float): C_q / C; ``C_q = max(1, int(C * ratio))``.
             query_source (str): "teacher" (Q from the teacher, K and V from the student) or
                 "student" (Q from the student, K and V from the teacher).
+            attention (str): "auto", "chunked" or "sdpa", how the same attention is computed
+                (see the class docstring).
         """
         super().__init__()
         if channels < 1:
@@ -65,7 +171,12 @@ class STCAFusion(nn.Module):
             raise ValueError(
                 f"STCAFusion: query_source must be one of {_QUERY_SOURCES}, got {query_source!r}"
             )
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"STCAFusion: attention must be one of {ATTENTION_IMPLS}, got {attention!r}"
+            )
         self.channels = channels
+        self.attention = attention
         self.query_channels = max(1, int(channels * query_channel_ratio))
         self.query_source = query_source
         self.scale = 1.0 / math.sqrt(self.query_channels)
@@ -107,6 +218,12 @@ class STCAFusion(nn.Module):
         out = self._attend(q, k, v)  # (B, N, C)
         return out.transpose(1, 2).reshape(b, c, h, w)
 
+    def attention_impl(self, device: torch.device) -> str:
+        """The implementation used for tensors on ``device``: "chunked" or "sdpa"."""
+        if self.attention == "auto":
+            return "chunked" if device.type == "cpu" else "sdpa"
+        return self.attention
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """
         Args:
@@ -117,6 +234,12 @@ class STCAFusion(nn.Module):
         Returns:
             Tensor: (B, N, C), ``softmax(q k^T / sqrt(C_q)) v`` without an N x N buffer.
         """
+        if self.attention_impl(v.device) == "chunked":
+            return chunked_attention(q, k, v, self.scale)
+        return self._attend_sdpa(q, k, v)
+
+    def _attend_sdpa(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """:meth:`_attend` through the fused SDPA kernels, the value split into C_q-wide heads."""
         b, n, c = v.shape
         # A multiple of 8: the alignment the CUDA flash and memory-efficient kernels check (odd
         # C_q such as 9 would send them to the math path there). Zero query/key columns leave
