@@ -82,6 +82,21 @@ def _dataset_names(cfg: DictConfig, split: str):
         return None
 
 
+def _build_train_loader(cfg: DictConfig):
+    """``dataloader.train``, whose mapper stops at an image that cannot be read, naming it
+    (docs/TROUBLESHOOTING.md). The config is left as it was: other nodes interpolate the
+    mapper's settings (e.g. ``${..dataloader.train.mapper.image_format}``)."""
+    loader = cfg.dataloader.train
+    if not (isinstance(loader, DictConfig) and "mapper" in loader):
+        return instantiate(loader)
+    mapper = loader.mapper
+    loader.mapper = StopOnUnreadableImage(instantiate(mapper), "dataloader.train.dataset.names")
+    try:
+        return instantiate(loader)
+    finally:
+        loader.mapper = mapper
+
+
 def do_test(cfg: DictConfig, model: torch.nn.Module) -> Optional[Dict]:
     """
     Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``.
@@ -116,12 +131,7 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
 
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    if isinstance(cfg.dataloader.train, DictConfig) and "mapper" in cfg.dataloader.train:
-        # An image that cannot be read stops training with its file name (docs/TROUBLESHOOTING).
-        cfg.dataloader.train.mapper = StopOnUnreadableImage(
-            instantiate(cfg.dataloader.train.mapper), "dataloader.train.dataset.names"
-        )
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = _build_train_loader(cfg)
     names = _dataset_names(cfg, "train")
     if names is not None:  # loaded by now, so their metadata has their classes
         check_num_classes(names, model, yaml=False, dataset_key="dataloader.train.dataset.names")
