@@ -47,11 +47,6 @@ def setup(args) -> CfgNode:
     cfg = get_acamkd_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if args.eval_only and cfg.MODEL.META_ARCHITECTURE == "ACAMDistiller":
-        # Evaluation runs the student alone; a distiller checkpoint restores the teacher anyway,
-        # so its (possibly remote) weights are not fetched.
-        cfg.MODEL.ACAMKD.TEACHER.WEIGHTS = ""
-        cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = True
     cfg.freeze()
     default_setup(cfg, args)
     # This package's warnings (e.g. a checkpoint skipped on --resume) go where detectron2's go.

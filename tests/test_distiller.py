@@ -10,6 +10,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from acamkd import DistillationCheckpointer
 from acamkd.modeling.meta_arch.distiller import _check_levels
 from acamkd.modeling.teacher import build_frozen_teacher, resolve_config_file
 
@@ -96,6 +97,7 @@ def test_inheritance_copies_matching_fpn_and_head_weights():
         "RetinaNet", teacher_fpn=16, student_fpn=16, extra=["MODEL.ACAMKD.INHERIT_TEACHER", "True"]
     )
     model = build_model(cfg)
+    DistillationCheckpointer(model).load("")  # the teacher's weights (random here), then this
     t, s = model.teacher.state_dict(), model.student.state_dict()
     # Same FPN width: the output convs and the head match; laterals see different C3 widths.
     assert torch.equal(s["backbone.fpn_output3.weight"], t["backbone.fpn_output3.weight"])
@@ -107,15 +109,17 @@ def test_inheritance_copies_matching_fpn_and_head_weights():
 
 def test_empty_teacher_weights_are_refused():
     cfg = distill_cfg("RetinaNet", extra=["MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT", "False"])
+    model = build_model(cfg)  # building reads no weights; the checkpointer refuses
     with pytest.raises(ValueError, match="MODEL.ACAMKD.TEACHER.WEIGHTS is empty"):
-        build_model(cfg)
+        DistillationCheckpointer(model).resume_or_load("", resume=False)
 
 
 def test_unreadable_teacher_weights_name_the_file(tmp_path):
     missing = str(tmp_path / "nope.pkl")
     cfg = distill_cfg("RetinaNet", extra=["MODEL.ACAMKD.TEACHER.WEIGHTS", missing])
+    model = build_model(cfg)
     with pytest.raises(RuntimeError, match="nope.pkl.*MODEL.ACAMKD.TEACHER.WEIGHTS"):
-        build_model(cfg)
+        DistillationCheckpointer(model).resume_or_load("", resume=False)
 
 
 def test_unknown_teacher_config_is_explained():
@@ -150,8 +154,6 @@ def test_grid_mismatch_is_explained():
 
 def test_student_and_teacher_weights_load_separately(tmp_path):
     """MODEL.WEIGHTS reaches the student only, even though its keys also match the teacher."""
-    from acamkd import DistillationCheckpointer
-
     model = build_model(distill_cfg("RetinaNet", teacher_depth=18, teacher_fpn=16))
     plain = copy.deepcopy(model.student)
     for p in plain.parameters():
@@ -170,6 +172,6 @@ def test_build_frozen_teacher_has_no_trainable_parameters():
     cfg = distill_cfg("RetinaNet")
     from acamkd.modeling.teacher import build_teacher_cfg
 
-    teacher = build_frozen_teacher(build_teacher_cfg(cfg), allow_random_init=True)
+    teacher = build_frozen_teacher(build_teacher_cfg(cfg))
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not teacher.training

@@ -340,6 +340,7 @@ def test_inheritance_copies_the_teachers_neck_and_head():
     cfg = tiny_distill_cfg(teacher_fpn=32, extra=["MODEL.ACAMKD.INHERIT_TEACHER", "True"])
     cfg.MODEL.ACAMKD.TEACHER.OPTS += STUDENT_POINTS
     model = build_model(cfg)
+    DistillationCheckpointer(model).load("")  # the teacher's weights (random here), then this
     t, s = model.teacher.state_dict(), model.student.state_dict()
     head = [k for k in t if k.startswith("head.")]
     assert "head.moment_transfer" in head and "head.cls_dcn.weight" in head

@@ -4,11 +4,12 @@ Importing the package registers everything in detectron2's registries: the ACAMD
 meta-architecture, a YAML-buildable FCOS, the segmentation backbones and heads, and the
 generated ``streets_*`` datasets.
 """
+
 from . import data, modeling  # noqa: F401  (registration happens on import)
 from .checkpoint import DistillationCheckpointer
-from .config import add_acamkd_config
+from .config import add_acamkd_config, get_acamkd_cfg
 from .engine import DistillationTrainer
-from .modeling import ACAMDistiller, ACAMLevel, get_acamkd_cfg
+from .modeling import ACAMDistiller, ACAMLevel
 
 __version__ = "0.1.0"
 __all__ = [

@@ -10,20 +10,26 @@ renamed into place once complete, so a process killed while saving never leaves 
 import contextlib
 import logging
 import os
-from typing import Any, Dict, Iterator, List
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Sequence
 
 import torch
+from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import Detectron2Handler
-from fvcore.common.checkpoint import Checkpointer
+from fvcore.common.checkpoint import Checkpointer, _IncompatibleKeys
 
 __all__ = [
     "DistillationCheckpointer",
+    "TeacherWeights",
+    "TeacherWeightsError",
+    "WeightsError",
     "explain_unreadable_weights",
     "is_distiller_state",
     "is_readable_checkpoint",
     "load_checkpoint",
+    "load_teacher_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,12 @@ class DistillationCheckpointer(DetectionCheckpointer):
     - any other checkpoint (``MODEL.WEIGHTS``: ImageNet backbones, plain detectron2 models,
       exported students) initialises the student alone. detectron2's suffix-matching loader
       would otherwise match one key against both ``teacher.*`` and ``student.*`` and fail.
+
+    - the teacher's own weights (``MODEL.ACAMKD.TEACHER.WEIGHTS``, ``model.teacher.weights``)
+      are loaded here, not when the model is built, and only when what is loaded does not hold
+      the teacher: a run that starts from ``MODEL.WEIGHTS`` (or from nothing) loads them, with
+      the strict check of :func:`load_teacher_weights`, then applies the inheritance strategy
+      if the distiller has it; resuming or evaluating a distiller checkpoint does not read them.
 
     For a model that is not a distiller it behaves exactly as :class:`DetectionCheckpointer`.
 
@@ -146,7 +158,32 @@ class DistillationCheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         if path and not os.path.isfile(path) and "://" not in path:
             raise _UnreadableCheckpoint(path, "no such file")
+        if not path:  # nothing to load: a distiller's teacher still needs its weights
+            self.load_teacher()
         return super().load(path, *args, **kwargs)
+
+    def load_teacher(self) -> None:
+        """
+        Load a distiller's teacher from its own weights (see :class:`TeacherWeights`), then, if
+        the distiller has the inheritance strategy on, copy the teacher's FPN and heads into the
+        student. :meth:`load` calls it whenever what it loads does not hold the teacher; for a
+        model that is not a distiller it does nothing.
+        """
+        model = self.model
+        if getattr(model, "student", None) is None or getattr(model, "teacher", None) is None:
+            return
+        weights = getattr(model, "teacher_weights", None)
+        if weights is None:
+            logger.warning(
+                "The distiller's teacher was not built by build_frozen_teacher or "
+                "build_lazy_teacher, so no weights are known for it: it is left as it was built."
+            )
+        else:
+            load_teacher_weights(model.teacher, weights, model.teacher_parts_used)
+        if getattr(model, "inherit_teacher", False):
+            from .modeling.inheritance import inherit_from_teacher  # modeling imports this module
+
+            inherit_from_teacher(model.student, model.teacher)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
@@ -170,16 +207,193 @@ class DistillationCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         student = getattr(self.model, "student", None)
         if student is not None and not is_distiller_state(checkpoint["model"]):
+            self.load_teacher()  # before the student: inheritance must not overwrite its init
             return DetectionCheckpointer(student)._load_model(checkpoint)
         return super()._load_model(checkpoint)
+
+
+class WeightsError(RuntimeError):
+    """
+    An error about a weights file whose message already names the file and its setting:
+    :func:`explain_unreadable_weights` passes it on unchanged.
+    """
+
+
+class TeacherWeightsError(WeightsError, ValueError):
+    """Teacher weights that are empty without leave, or do not fit the teacher."""
+
+
+@dataclass(frozen=True)
+class TeacherWeights:
+    """
+    Where a distiller's teacher gets its weights and how strictly they are checked. The
+    teacher's builders (``build_frozen_teacher``, ``build_lazy_teacher``) attach one to the
+    teacher; :class:`DistillationCheckpointer` loads it with :func:`load_teacher_weights`.
+
+    Attributes:
+        path (str): a local path, a ``detectron2://`` or an ``https://`` URL; "" for none.
+        allow_random_init (bool): accept an empty ``path`` (tests and smoke runs only).
+        strict (bool): refuse a file in which a tensor that distillation uses is missing or
+            has another shape (otherwise it is only logged).
+        key, allow_key, strict_key (str): the settings of the three, as the messages name them.
+    """
+
+    path: str = ""
+    allow_random_init: bool = False
+    strict: bool = True
+    key: str = "MODEL.ACAMKD.TEACHER.WEIGHTS"
+    allow_key: str = "MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT True"
+    strict_key: str = "MODEL.ACAMKD.TEACHER.STRICT False"
+
+
+class _TeacherCheckpointer(DetectionCheckpointer):
+    """detectron2's loader (URLs, model-zoo ``.pkl`` name conversion) that keeps the
+    incompatible keys for :func:`load_teacher_weights` instead of logging them."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint) -> _IncompatibleKeys:
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+    def _log_incompatible_keys(self, incompatible: _IncompatibleKeys) -> None:
+        pass
+
+
+# How many keys an error or a log line lists.
+_LISTED = 10
+
+
+def _listing(keys: Sequence[str]) -> str:
+    more = f", ... ({len(keys) - _LISTED} more)" if len(keys) > _LISTED else ""
+    return ", ".join(keys[:_LISTED]) + more
+
+
+def load_teacher_weights(
+    teacher: nn.Module, weights: TeacherWeights, used: Sequence[str] = ("",)
+) -> None:
+    """
+    Load ``weights`` into ``teacher`` with detectron2's checkpoint loader (``detectron2://`` and
+    ``https://`` URLs, model-zoo ``.pkl`` files with their name conversion) and check it: every
+    tensor of the submodules in ``used`` must load with its shape, and the file must have no
+    tensor in a named submodule that the teacher lacks (a deeper backbone). Otherwise a
+    ``TeacherWeightsError`` names the setting and the file and lists those keys (the first ten
+    and the counts), unless ``weights.strict`` is False, which only logs them. Tensors outside
+    ``used`` that did not load, and other keys of the file that the teacher lacks (e.g. a mask
+    head), are logged.
+
+    Args:
+        teacher (nn.Module): the teacher model.
+        weights (TeacherWeights): the file and the settings.
+        used (list[str]): names of the teacher's submodules whose tensors distillation reads,
+            e.g. ``["backbone"]``; "" stands for the whole teacher.
+
+    Raises:
+        TeacherWeightsError: empty ``path`` without ``allow_random_init``; a file that does not
+            fit (strict).
+        WeightsError: a file that cannot be read (the message says how to pass a local copy).
+    """
+    if not weights.path:
+        if not weights.allow_random_init:
+            raise TeacherWeightsError(
+                f"{weights.key} is empty: distilling from a randomly initialised teacher is almost "
+                "never intended. Give the teacher's checkpoint (a path, detectron2:// or https:// "
+                f"URL), or set {weights.allow_key} for a smoke test."
+            )
+        logger.warning("Teacher is randomly initialised (%s).", weights.allow_key)
+        return
+    checkpointer = _TeacherCheckpointer(teacher)
+    with explain_unreadable_weights(weights.path, weights.key, what="the teacher weights"):
+        checkpointer.load(weights.path, checkpointables=[])
+    _check_teacher_keys(teacher, weights, checkpointer.incompatible, used)
+
+
+def _check_teacher_keys(
+    teacher: nn.Module, weights: TeacherWeights, incompatible, used: Sequence[str]
+) -> None:
+    """Refuse (or, not strict, log) what :func:`load_teacher_weights` describes; log the rest."""
+
+    def under(key: str, parts) -> bool:
+        return any(not part or key == part or key.startswith(part + ".") for part in parts)
+
+    named = [part for part in used if part]  # "" (the whole teacher) excluded
+    # The tensors that did not load because the file has them in another shape (fvcore also
+    # reports them as missing). BatchNorm's num_batches_tracked is never read in eval mode,
+    # and checkpoints converted from other libraries lack it.
+    shapes = {k: (tuple(c), tuple(m)) for k, c, m in incompatible.incorrect_shapes}
+    missing = [
+        k
+        for k in incompatible.missing_keys
+        if k not in shapes and not k.endswith("num_batches_tracked")
+    ]
+    bad_missing = [k for k in missing if under(k, used)]
+    bad_shapes = [
+        f"{k} {shape[0]} in the file, {shape[1]} in the teacher"
+        for k, shape in shapes.items()
+        if under(k, used)
+    ]
+    # A key of the file inside a submodule distillation uses, which the teacher lacks: the
+    # file's network is another one there (e.g. a deeper backbone); elsewhere (a mask head) it
+    # is only logged.
+    bad_extra = [k for k in incompatible.unexpected_keys if under(k, named)]
+    extra = [k for k in incompatible.unexpected_keys if not under(k, named)]
+    unused = [k for k in missing + list(shapes) if not under(k, used)]
+    source = f"{weights.path!r} ({weights.key})"
+    if extra:
+        logger.info(
+            "The teacher checkpoint %s has %d tensors the teacher does not have; they are "
+            "ignored: %s",
+            source,
+            len(extra),
+            _listing(extra),
+        )
+    if unused:
+        logger.warning(
+            "%d tensors of the teacher that distillation does not use were not loaded from %s "
+            "(missing or of another shape there); they keep their random init: %s",
+            len(unused),
+            source,
+            _listing(unused),
+        )
+    if not bad_missing and not bad_shapes and not bad_extra:
+        logger.info("Loaded the teacher from %s.", source)
+        return
+    what = "the whole teacher" if "" in used else "the teacher's " + ", ".join(named)
+    lines = [
+        f"The teacher checkpoint {source} does not fit the teacher built from its config. "
+        f"Distillation uses {what}: {len(bad_missing)} of its tensors are missing from the "
+        f"file, {len(bad_shapes)} have another shape there, and the file has {len(bad_extra)} "
+        f"tensors of the teacher's {', '.join(named)} that the teacher lacks."
+    ]
+    if bad_missing:
+        lines.append(f"Missing ({len(bad_missing)}): {_listing(bad_missing)}.")
+    if bad_shapes:
+        lines.append(f"Another shape ({len(bad_shapes)}): {_listing(bad_shapes)}.")
+    if bad_extra:
+        lines.append(f"Only in the file ({len(bad_extra)}): {_listing(bad_extra)}.")
+    if extra and bad_missing:
+        lines.append(
+            f"The file has {len(extra)} other tensors the teacher lacks (a renamed prefix?): "
+            f"{_listing(extra)}."
+        )
+    if weights.strict:
+        lines.append(
+            "Give the checkpoint of the teacher's own config (same depth, widths and classes), "
+            f"or set {weights.strict_key} to distil from it anyway (what did not load stays "
+            "random)."
+        )
+        raise TeacherWeightsError("\n".join(lines))
+    lines.append(f"{weights.strict_key} is set: distilling anyway, those tensors stay random.")
+    logger.warning("\n".join(lines))
 
 
 @contextlib.contextmanager
 def explain_unreadable_weights(path: str, key: str, what: str = "the weights") -> Iterator[None]:
     """
-    Turn any error raised inside the block into a RuntimeError that names ``path`` and the
-    setting it came from, and, for a URL, says how to pass a local copy instead (the machines
-    this runs on may have no network).
+    Turn any error raised inside the block into a :class:`WeightsError` (a RuntimeError) that
+    names ``path`` and the setting it came from, and, for a URL, says how to pass a local copy
+    instead (the machines this runs on may have no network). A :class:`WeightsError` raised
+    inside (e.g. about the teacher's weights, loaded with the student's) passes unchanged.
 
     Args:
         path (str): the file or URL being loaded.
@@ -188,6 +402,8 @@ def explain_unreadable_weights(path: str, key: str, what: str = "the weights") -
     """
     try:
         yield
+    except WeightsError:  # already names its file and setting (e.g. the teacher's, loaded inside)
+        raise
     except Exception as e:  # iopath raises many types (URLError, OSError, HTTP errors ...)
         if "://" in path:
             url = path
@@ -199,7 +415,7 @@ def explain_unreadable_weights(path: str, key: str, what: str = "the weights") -
             )
         else:
             hint = f"Check the path ({key})."
-        raise RuntimeError(f"Could not load {what} {path!r}: {e}. {hint}") from e
+        raise WeightsError(f"Could not load {what} {path!r}: {e}. {hint}") from e
 
 
 class _UnreadableCheckpoint(RuntimeError):

@@ -33,9 +33,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 
 from .checkpoint import DistillationCheckpointer, load_checkpoint
-from .lazy import build_dataset_evaluator, skip_teacher_weights
+from .config import get_acamkd_cfg
+from .lazy import build_dataset_evaluator
 from .modeling import ACAMDistiller
-from .modeling.teacher import get_acamkd_cfg, resolve_config_file
+from .modeling.teacher import resolve_config_file
 
 __all__ = [
     "ModelSpec",
@@ -99,11 +100,10 @@ class _Timed(nn.Module):
 
 
 def _build(spec: ModelSpec, dataset: Optional[str], device: str):
-    """The model (on ``device``, its teacher not loaded), its test loader and dataset name."""
+    """The model (on ``device``, nothing loaded yet), its test loader and dataset name."""
     path = resolve_config_file(spec.config, key=f"--model {spec.name} CONFIG")
     if path.endswith(".py"):
         cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(spec.overrides))
-        skip_teacher_weights(cfg)
         if dataset:
             cfg.dataloader.test.dataset.names = dataset
         model = instantiate(cfg.model).to(device)
@@ -112,10 +112,6 @@ def _build(spec: ModelSpec, dataset: Optional[str], device: str):
     cfg.merge_from_file(path)
     cfg.merge_from_list(list(spec.overrides))
     cfg.MODEL.DEVICE = device
-    if cfg.MODEL.META_ARCHITECTURE == "ACAMDistiller":
-        # Only the student is measured; a distiller checkpoint restores the teacher anyway.
-        cfg.MODEL.ACAMKD.TEACHER.WEIGHTS = ""
-        cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = True
     if dataset:
         cfg.DATASETS.TEST = (dataset,)
     cfg.freeze()

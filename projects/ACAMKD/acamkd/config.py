@@ -5,9 +5,34 @@ defaults and how each was chosen), so the other reading can be run from YAML or 
 line. Shared detectron2 defaults (INPUT, SOLVER, RESNETS, ...) are never changed here; that
 belongs in the YAML files under ``configs/``.
 """
-from detectron2.config import CfgNode as CN
 
-__all__ = ["add_acamkd_config"]
+import os
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["REPO_ROOT", "add_acamkd_config", "get_acamkd_cfg"]
+
+# The repository root when the package is installed in editable mode (projects/ACAMKD/acamkd):
+# config paths such as "configs/COCO-Detection/..." resolve against it, and train_net.py is in it.
+REPO_ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
+
+
+def get_acamkd_cfg() -> CN:
+    """detectron2's default config with the DeepLab, RepPoints and ``MODEL.ACAMKD`` keys."""
+    # Imported here: the model parts import this module, and the DeepLab project is only
+    # needed once a config is made.
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    from .modeling.meta_arch.reppoints import add_reppoints_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_reppoints_config(cfg)
+    add_acamkd_config(cfg)
+    return cfg
 
 
 def add_acamkd_config(cfg: CN) -> None:
@@ -42,6 +67,13 @@ def add_acamkd_config(cfg: CN) -> None:
     # Allow an empty TEACHER.WEIGHTS (a randomly initialised teacher). Only for tests and
     # smoke runs: distilling from a random teacher is almost never what a user wants.
     _C.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = False
+    # The checkpointer loads TEACHER.WEIGHTS when a run starts (a resumed or evaluated
+    # distiller checkpoint holds the teacher already). True: every tensor distillation reads
+    # (the teacher's backbone with its FPN; also its sem_seg_head for "sem_seg_logits"; the
+    # whole teacher with INHERIT_TEACHER) must load with its shape, else the run stops with
+    # the missing and mis-shaped keys. False: they are only logged, and those tensors keep
+    # their random init. Keys of the file the teacher lacks (e.g. a mask head) are logged.
+    _C.MODEL.ACAMKD.TEACHER.STRICT = True
 
     # Paper's "inheritance strategy": the student starts from the teacher's FPN and head
     # weights wherever the shapes match (the log lists what was copied and what was skipped).

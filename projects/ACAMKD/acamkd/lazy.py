@@ -24,16 +24,16 @@ from detectron2.config import CfgNode
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.modeling import build_model
 
+from .config import get_acamkd_cfg
 from .evaluation import build_evaluator
 from .modeling.acam import ACAMLevel
-from .modeling.teacher import build_lazy_teacher, get_acamkd_cfg, resolve_config_file
+from .modeling.teacher import build_lazy_teacher, resolve_config_file
 
 __all__ = [
     "build_acam_levels",
     "build_dataset_evaluator",
     "build_lazy_teacher",
     "build_yaml_model",
-    "skip_teacher_weights",
 ]
 
 
@@ -123,23 +123,3 @@ def build_dataset_evaluator(dataset_name: str, output_dir: str = "./output") -> 
         dataset_name = names[0]
     folder = os.path.join(output_dir, "inference", dataset_name)
     return build_evaluator(CfgNode({"OUTPUT_DIR": output_dir}), dataset_name, folder)
-
-
-def skip_teacher_weights(cfg: DictConfig) -> bool:
-    """
-    For evaluation, where the distiller runs its student alone: build the teacher of
-    ``cfg.model`` with random weights instead of reading its (possibly remote) checkpoint.
-    A distiller checkpoint restores the teacher anyway.
-
-    Args:
-        cfg (DictConfig): a LazyConfig, changed in place.
-
-    Returns:
-        bool: whether ``cfg.model`` has a ``build_lazy_teacher`` teacher that was changed.
-    """
-    teacher = cfg.get("model", {}).get("teacher", None)
-    if not isinstance(teacher, DictConfig) or "weights" not in teacher:
-        return False
-    teacher.weights = ""
-    teacher.allow_random_init = True
-    return True

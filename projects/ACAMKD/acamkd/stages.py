@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import is_readable_checkpoint
+from .config import REPO_ROOT
 
 __all__ = ["Stage", "REPO_ROOT", "final_metrics", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-)
 _RECORD = "stage.json"
 _FINAL = "model_final.pth"
 

@@ -354,19 +354,13 @@ def visualize_checkpoints(
 
 
 def build_distiller_for_checkpoints(cfg: CfgNode) -> ACAMDistiller:
-    """
-    The distiller of ``cfg``, in eval mode, without fetching the teacher's weights (a
-    distillation checkpoint holds them).
-    """
+    """The distiller of ``cfg``, in eval mode, with nothing loaded yet (building reads no
+    weights; a distillation checkpoint holds the teacher's)."""
     if cfg.MODEL.META_ARCHITECTURE != "ACAMDistiller":
         raise ValueError(
             f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}: the masks exist only "
             "in an ACAMDistiller config"
         )
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.MODEL.ACAMKD.TEACHER.WEIGHTS = ""
-    cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = True
     model = build_model(cfg)
     model.eval()
     return model

@@ -24,7 +24,6 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DistillationCheckpointer, load_checkpoint
 from ..data.checks import StopOnUnreadableImage, check_datasets_registered, check_num_classes
-from ..lazy import skip_teacher_weights
 from .hooks import MaskCollapseHook
 from .nonfinite import LAZY_CURES, FiniteAMPTrainer, FiniteSimpleTrainer
 from .trainer import create_ddp_model
@@ -51,8 +50,6 @@ def setup_lazy(args) -> DictConfig:
         DictConfig: the config.
     """
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    if args.eval_only and skip_teacher_weights(cfg):
-        logger.info("Evaluation runs the student alone: the teacher's weights are not loaded.")
     _check_device(cfg)
     default_setup(cfg, args)
     # This package's warnings (e.g. a checkpoint skipped on --resume) go where detectron2's go.

@@ -1,6 +1,8 @@
 """Models: the ACAM module, the distillation meta-architecture and the parts detectron2 lacks."""
 
 # Importing the submodules registers their classes in detectron2's registries.
+# get_acamkd_cfg lives in acamkd.config; it is also exported here, as it always was.
+from ..config import get_acamkd_cfg
 from .acam import ACAMLevel, ACAMOutput
 from .backbone import (
     MobileNetV2Backbone,
@@ -9,7 +11,7 @@ from .backbone import (
 )
 from .heads import PSPHead
 from .meta_arch import FCOS, ACAMDistiller, RepPoints, build_student_cfg
-from .teacher import build_frozen_teacher, build_teacher_cfg, get_acamkd_cfg
+from .teacher import build_frozen_teacher, build_teacher_cfg
 
 __all__ = [
     "ACAMLevel",

@@ -1,59 +1,45 @@
 """The frozen teacher: its own config, its own weights, never trained.
 
 In a YAML config the teacher is described by ``MODEL.ACAMKD.TEACHER.{CONFIG_FILE, OPTS,
-WEIGHTS}``; in a LazyConfig by ``L(build_lazy_teacher)(config=..., weights=...)``. Either way
-it is loaded separately from the student because detectron2's checkpoint loader matches keys by
-suffix and fails when one key matches both ``teacher.*`` and ``student.*``.
+WEIGHTS, STRICT}``; in a LazyConfig by ``L(build_lazy_teacher)(config=..., weights=...)``.
+Building it reads no weights: the builders attach a :class:`~acamkd.checkpoint.TeacherWeights`
+and :class:`~acamkd.checkpoint.DistillationCheckpointer` loads it when a run starts, separately
+from the student because detectron2's checkpoint loader matches keys by suffix and fails when
+one key matches both ``teacher.*`` and ``student.*``.
 """
 
 import difflib
 import logging
 import os
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from detectron2 import model_zoo
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.modeling import build_model
-from detectron2.projects.deeplab import add_deeplab_config
 
-from ..checkpoint import explain_unreadable_weights
-from ..config import add_acamkd_config
-from .meta_arch.reppoints import add_reppoints_config
+from ..checkpoint import TeacherWeights
+from ..config import REPO_ROOT, get_acamkd_cfg
 
 __all__ = [
-    "get_acamkd_cfg",
     "resolve_config_file",
     "build_teacher_cfg",
     "build_frozen_teacher",
     "build_lazy_teacher",
     "freeze",
-    "load_teacher_weights",
     "teacher_cfg_from_file",
+    "teacher_weights_from_cfg",
 ]
 
 logger = logging.getLogger(__name__)
-
-# The repository root when the package is installed in editable mode (projects/ACAMKD/acamkd).
-_REPO_ROOT = Path(__file__).resolve().parents[4]
 
 _DISTILLER_AS_TEACHER = (
     "The teacher config {!r} describes a distiller; give the config of the teacher detector "
     "itself (e.g. the one it was trained with)."
 )
-
-
-def get_acamkd_cfg() -> CfgNode:
-    """detectron2's default config with the DeepLab, RepPoints and ``MODEL.ACAMKD`` keys."""
-    cfg = get_cfg()
-    add_deeplab_config(cfg)
-    add_reppoints_config(cfg)
-    add_acamkd_config(cfg)
-    return cfg
 
 
 def resolve_config_file(name_or_path: str, key: str = "MODEL.ACAMKD.TEACHER.CONFIG_FILE") -> str:
@@ -74,7 +60,7 @@ def resolve_config_file(name_or_path: str, key: str = "MODEL.ACAMKD.TEACHER.CONF
             f"{key} is empty: set it to the teacher's config file or a detectron2 model-zoo "
             "name, e.g. 'COCO-Detection/retinanet_R_101_FPN_3x.yaml'."
         )
-    for candidate in (Path(name_or_path), _REPO_ROOT / name_or_path):
+    for candidate in (Path(name_or_path), Path(REPO_ROOT) / name_or_path):
         if candidate.is_file():
             return str(candidate)
     try:
@@ -82,7 +68,7 @@ def resolve_config_file(name_or_path: str, key: str = "MODEL.ACAMKD.TEACHER.CONF
     except RuntimeError:
         raise FileNotFoundError(
             f"Config {name_or_path!r} ({key}) is neither a file (looked in {os.getcwd()} and "
-            f"{_REPO_ROOT}) nor a detectron2 model-zoo config name such as "
+            f"{REPO_ROOT}) nor a detectron2 model-zoo config name such as "
             "'COCO-Detection/retinanet_R_101_FPN_3x.yaml' or 'COCO-Detection/fcos_R_50_FPN_1x.py'."
         ) from None
 
@@ -183,6 +169,15 @@ def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
     )
 
 
+def teacher_weights_from_cfg(cfg: CfgNode) -> TeacherWeights:
+    """The teacher's weights as ``MODEL.ACAMKD.TEACHER.{WEIGHTS, ALLOW_RANDOM_INIT, STRICT}``
+    of a distillation config give them."""
+    teacher = cfg.MODEL.ACAMKD.TEACHER
+    return TeacherWeights(
+        path=teacher.WEIGHTS, allow_random_init=teacher.ALLOW_RANDOM_INIT, strict=teacher.STRICT
+    )
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Turn off gradients and put ``module`` in eval mode (BatchNorm statistics included)."""
     for p in module.parameters():
@@ -190,18 +185,27 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def build_frozen_teacher(tcfg: CfgNode, *, allow_random_init: bool = False) -> nn.Module:
+def _with_weights(teacher: nn.Module, weights: TeacherWeights) -> nn.Module:
+    # Read by ACAMDistiller.teacher_weights, for the checkpointer.
+    teacher.acamkd_weights = weights
+    return freeze(teacher)
+
+
+def build_frozen_teacher(tcfg: CfgNode, weights: Optional[TeacherWeights] = None) -> nn.Module:
     """
-    Build the teacher from its config and load ``tcfg.MODEL.WEIGHTS`` (a local path, a
-    ``detectron2://`` or an ``https://`` URL), then freeze it.
+    Build the teacher from its config, frozen, without reading any file: its weights are
+    loaded by :class:`~acamkd.checkpoint.DistillationCheckpointer` when a run starts.
 
     Args:
         tcfg (CfgNode): the teacher's config, see :func:`build_teacher_cfg`.
-        allow_random_init (bool): accept empty weights (tests and smoke runs only).
+        weights (TeacherWeights): where the checkpointer loads it from; default
+            ``tcfg.MODEL.WEIGHTS``, strictly checked, never empty.
+
+    Returns:
+        nn.Module: the teacher in eval mode, without gradients, randomly initialised.
     """
-    teacher = build_model(tcfg)
-    load_teacher_weights(teacher, tcfg.MODEL.WEIGHTS, allow_random_init=allow_random_init)
-    return freeze(teacher)
+    weights = weights if weights is not None else TeacherWeights(path=tcfg.MODEL.WEIGHTS)
+    return _with_weights(build_model(tcfg), weights)
 
 
 def build_lazy_teacher(
@@ -209,11 +213,14 @@ def build_lazy_teacher(
     weights: str = "",
     allow_random_init: bool = False,
     overrides: Sequence[str] = (),
+    strict: bool = True,
 ) -> nn.Module:
     """
     The frozen teacher of a LazyConfig, ``L(build_lazy_teacher)(config=..., weights=...)``:
-    built from its own config, a YAML or a LazyConfig ``.py``, then loaded and frozen. It is
-    built on the CPU; the training script moves the whole distiller to ``train.device``.
+    built from its own config, a YAML or a LazyConfig ``.py``, and frozen. It is built on the
+    CPU; the training script moves the whole distiller to ``train.device``. ``weights`` is not
+    read here: :class:`~acamkd.checkpoint.DistillationCheckpointer` loads it when a run starts
+    without a distiller checkpoint.
 
     Args:
         config (str): the teacher's config: a path or a detectron2 model-zoo name such as
@@ -224,9 +231,11 @@ def build_lazy_teacher(
         overrides (list[str]): applied to the teacher's config in its own syntax: a flat
             KEY VALUE list for a YAML ("MODEL.RESNETS.DEPTH", "50"), "key=value" strings for a
             ``.py`` ("model.backbone.bottom_up.stages.depth=50").
+        strict (bool): every tensor distillation uses must load from ``weights`` with its
+            shape (see :func:`~acamkd.checkpoint.load_teacher_weights`); False only logs them.
 
     Returns:
-        nn.Module: the teacher in eval mode, without gradients.
+        nn.Module: the teacher in eval mode, without gradients, randomly initialised.
     """
     path = resolve_config_file(config, key="model.teacher.config")
     if path.endswith(".py"):
@@ -244,44 +253,12 @@ def build_lazy_teacher(
             path, overrides, key="model.teacher.config", opts_key="model.teacher.overrides"
         )
         teacher = build_model(tcfg)
-    load_teacher_weights(
-        teacher,
-        weights,
+    weights = TeacherWeights(
+        path=weights,
         allow_random_init=allow_random_init,
+        strict=strict,
         key="model.teacher.weights",
         allow_key="model.teacher.allow_random_init=True",
+        strict_key="model.teacher.strict=False",
     )
-    return freeze(teacher)
-
-
-def load_teacher_weights(
-    teacher: nn.Module,
-    weights: str,
-    *,
-    allow_random_init: bool = False,
-    key: str = "MODEL.ACAMKD.TEACHER.WEIGHTS",
-    allow_key: str = "MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT True",
-) -> None:
-    """
-    Load ``weights`` into ``teacher`` alone (fvcore logs any missing or unexpected keys), with an
-    error that names the file or URL and says how to pass a local copy when it cannot be read.
-
-    Args:
-        teacher (nn.Module): the teacher model.
-        weights (str): a local path, a detectron2:// or https:// URL; "" keeps the random init
-            if ``allow_random_init``, else is an error.
-        allow_random_init (bool): accept empty ``weights``.
-        key, allow_key (str): the settings of ``weights`` and ``allow_random_init``, for the
-            messages.
-    """
-    if not weights:
-        if not allow_random_init:
-            raise ValueError(
-                f"{key} is empty: distilling from a randomly initialised teacher is almost never "
-                "intended. Give the teacher's checkpoint (a path, detectron2:// or https:// URL), "
-                f"or set {allow_key} for a smoke test."
-            )
-        logger.warning("Teacher is randomly initialised (%s).", allow_key)
-        return
-    with explain_unreadable_weights(weights, key, what="the teacher weights"):
-        DetectionCheckpointer(teacher).load(weights)
+    return _with_weights(teacher, weights)

@@ -13,9 +13,9 @@ from detectron2.layers import ASPP
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import get_event_storage
 
+from ...checkpoint import TeacherWeights
 from ..acam import ACAMLevel, ACAMOutput
-from ..inheritance import inherit_from_teacher
-from ..teacher import build_frozen_teacher, build_teacher_cfg
+from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
 
 __all__ = ["ACAMDistiller", "build_student_cfg"]
 
@@ -25,6 +25,8 @@ _DISTILL_TARGETS = ("fpn", "sem_seg_logits")
 # The module whose output is distilled, per target. For logits it is the head's final 1x1
 # classifier: its output is at the head's stride, before upsampling to the image.
 _FEATURE_MODULE = {"fpn": "backbone", "sem_seg_logits": "sem_seg_head.predictor"}
+# The teacher's submodules that run to compute it: their weights must load (TEACHER.STRICT).
+_TEACHER_PARTS_USED = {"fpn": ("backbone",), "sem_seg_logits": ("backbone", "sem_seg_head")}
 _LOGITS = "logits"
 
 
@@ -69,6 +71,10 @@ class ACAMDistiller(nn.Module):
     Training returns the student's own losses plus ``loss_acam_{channel,spatial,diversity}``
     (summed over levels, already weighted); per-level mask statistics go to the event storage
     under ``acam/<level>/...``. Eval returns exactly the student's outputs.
+
+    Building it reads no weights: :class:`~acamkd.checkpoint.DistillationCheckpointer` loads
+    the teacher's (:attr:`teacher_weights`) and applies the inheritance strategy when a run
+    starts without a distiller checkpoint.
     """
 
     @configurable
@@ -95,8 +101,9 @@ class ACAMDistiller(nn.Module):
                 each); the images given to the forward are in the student's format.
             logits_grid (str): for "sem_seg_logits", resample both logits to the "teacher" or
                 "student" grid when their strides differ.
-            inherit_teacher (bool): the paper's inheritance strategy: copy the teacher's FPN
-                and head weights into the student where names and shapes match.
+            inherit_teacher (bool): the paper's inheritance strategy: once the teacher's
+                weights are loaded, the checkpointer copies its FPN and head weights into the
+                student where names and shapes match.
         """
         super().__init__()
         if distill_target not in _DISTILL_TARGETS:
@@ -118,8 +125,7 @@ class ACAMDistiller(nn.Module):
         _check_tasks(student, teacher, distill_target)
         _check_levels(student, teacher, list(acam.keys()), distill_target)
         _check_channels(student, teacher, acam, distill_target)
-        if inherit_teacher:
-            inherit_from_teacher(student, teacher)
+        self.inherit_teacher = inherit_teacher
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
@@ -136,9 +142,7 @@ class ACAMDistiller(nn.Module):
             cfg.MODEL.ACAMKD.TEACHER.CONFIG_FILE,
         )
         student = build_model(scfg)
-        teacher = build_frozen_teacher(
-            tcfg, allow_random_init=cfg.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT
-        )
+        teacher = build_frozen_teacher(tcfg, teacher_weights_from_cfg(cfg))
         target = cfg.MODEL.ACAMKD.DISTILL_TARGET
         if target == "fpn":
             levels = _shared_levels(student, teacher, list(cfg.MODEL.ACAMKD.IN_FEATURES))
@@ -176,6 +180,23 @@ class ACAMDistiller(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.student.device
+
+    @property
+    def teacher_weights(self) -> Optional[TeacherWeights]:
+        """Where the checkpointer loads the teacher from; None for a teacher that was not
+        built by ``build_frozen_teacher`` or ``build_lazy_teacher``."""
+        return getattr(self.teacher, "acamkd_weights", None)
+
+    @property
+    def teacher_parts_used(self) -> Tuple[str, ...]:
+        """
+        The teacher's submodules whose weights distillation reads, which must load from its
+        checkpoint (see :func:`~acamkd.checkpoint.load_teacher_weights`): the backbone (with
+        the FPN), also ``sem_seg_head`` for logits; with the inheritance strategy, which
+        copies its FPN and heads, also "", the whole teacher.
+        """
+        parts = _TEACHER_PARTS_USED[self.distill_target]
+        return parts + ("",) if self.inherit_teacher else parts
 
     def train(self, mode: bool = True) -> "ACAMDistiller":
         """Like ``nn.Module.train``, but the teacher stays in eval mode (BN statistics frozen)."""
@@ -218,8 +239,7 @@ class ACAMDistiller(nn.Module):
             student_losses = self.student(batched_inputs)
         padded_hw = tuple(images["input"].shape[-2:])
         student_features = self._as_dict(student_record["output"])
-        with torch.no_grad():
-            teacher_features = self.teacher_features(batched_inputs, padded_hw)
+        teacher_features = self.teacher_features(batched_inputs, padded_hw)
         outputs: Dict[str, object] = {"student_losses": student_losses}
         for level, acam in self.acam.items():
             t, s = teacher_features[level], student_features[level]
@@ -264,18 +284,26 @@ class ACAMDistiller(nn.Module):
         The teacher's features for the distilled levels, from images normalised with its own
         pixel mean/std and input format and padded like the student's.
 
+        The teacher runs under ``torch.inference_mode`` (no autograd bookkeeping at all, a
+        little cheaper than ``no_grad``). Its outputs are cloned outside that mode: the ACAM
+        losses take them as constants, but the projections that read them (STCA-FF's query)
+        save their input for the backward, which inference tensors forbid.
+
         Args:
             padded_hw (tuple[int, int]): the student's padded image size.
 
         Returns:
-            dict[str, Tensor]: level name -> (B, C, H, W).
+            dict[str, Tensor]: level name -> (B, C, H, W), not requiring grad.
         """
-        images = self._teacher_images(batched_inputs, padded_hw)
-        if self.distill_target == "fpn":
-            return self.teacher.backbone(images)
-        with _capture_output(self.teacher.sem_seg_head.predictor) as record:
-            self.teacher.sem_seg_head(self.teacher.backbone(images))
-        return self._as_dict(record["output"])
+        with torch.inference_mode():
+            images = self._teacher_images(batched_inputs, padded_hw)
+            if self.distill_target == "fpn":
+                features = self.teacher.backbone(images)
+            else:
+                with _capture_output(self.teacher.sem_seg_head.predictor) as record:
+                    self.teacher.sem_seg_head(self.teacher.backbone(images))
+                features = self._as_dict(record["output"])
+        return {name: x.clone() for name, x in features.items()}
 
     def _teacher_images(self, batched_inputs, padded_hw) -> Tensor:
         teacher = self.teacher
