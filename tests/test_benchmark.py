@@ -1,0 +1,70 @@
+"""tools/benchmark_step.py on a tiny distiller: it runs and writes the JSON it documents."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tiny_models import REPO, distill_cfg
+
+TOP_KEYS = {
+    "config",
+    "impl",
+    "attention",
+    "teacher_mode",
+    "device",
+    "batch",
+    "height",
+    "width",
+    "padded_hw",
+    "times_s",
+    "median_s",
+    "floor_s",
+    "ratio",
+    "acam_overhead_s",
+    "levels",
+    "peak_memory_growth_mb",
+    "memory_kind",
+    "losses",
+    "losses_finite",
+}
+PARTS = {"student_step", "teacher_forward", "distill_step"}
+
+
+def test_benchmark_step_writes_json_with_the_expected_fields(tmp_path):
+    config = tmp_path / "tiny_distill.yaml"
+    cfg = distill_cfg("RetinaNet")
+    config.write_text(cfg.dump())
+    results = {}
+    for impl in ("after", "before"):
+        output = tmp_path / f"{impl}.json"
+        cmd = [sys.executable, os.path.join(REPO, "tools", "benchmark_step.py")]
+        cmd += ["--config-file", str(config), "--batch", "1", "--height", "64", "--width", "96"]
+        cmd += ["--rounds", "1", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+        cmd += ["--impl", impl, "--output", str(output), "MODEL.ACAMKD.IN_FEATURES", "['p3','p4']"]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "distill / floor" in proc.stdout and "p3" in proc.stdout
+        results[impl] = json.loads(output.read_text())
+
+    for impl, r in results.items():
+        assert TOP_KEYS <= set(r)
+        assert r["impl"] == impl and r["device"] == "cpu" and r["batch"] == 1
+        assert r["padded_hw"] == [64, 96]
+        assert set(r["median_s"]) == set(r["times_s"]) == set(r["peak_memory_growth_mb"]) == PARTS
+        assert all(len(ts) == 1 and ts[0] > 0 for ts in r["times_s"].values())
+        floor = r["median_s"]["student_step"] + r["median_s"]["teacher_forward"]
+        assert abs(r["floor_s"] - floor) < 1e-12
+        assert abs(r["ratio"] - r["median_s"]["distill_step"] / floor) < 1e-12
+        assert set(r["levels"]) == {"p3", "p4"}
+        assert r["levels"]["p3"]["N"] == 8 * 12 and r["levels"]["p4"]["shape"][-2:] == [4, 6]
+        assert all(v["forward_s"] > 0 and v["backward_s"] > 0 for v in r["levels"].values())
+        assert r["losses_finite"] and {"loss_acam_channel", "loss_cls"} <= set(r["losses"])
+    assert results["after"]["attention"] == "chunked"
+    assert results["after"]["teacher_mode"] == "inference_mode"
+    assert results["before"]["attention"] == "sdpa"
+    assert results["before"]["teacher_mode"] == "no_grad"
+    # Same weights and images: both implementations give the same losses.
+    for k, v in results["after"]["losses"].items():
+        assert abs(v - results["before"]["losses"][k]) <= 1e-4 * max(1.0, abs(v)), k

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""
+Time a distillation step against its floor (the student's training step plus the teacher's
+forward) for a YAML config, image size and batch, in one process with interleaved rounds, with
+random weights and synthetic images and boxes; break ACAM's part down per level (forward and
+backward); print the ratio distill / floor and the peak memory growth; write JSON.
+See ``acamkd.benchmark``.
+
+Usage:
+    python tools/benchmark_step.py \\
+        --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets.yaml \\
+        --batch 8 --height 160 --width 320 --threads 2 --impl after \\
+        --output output/benchmark_step/streets_after.json
+    # the implementation before issue 16 (SDPA heads, teacher under no_grad): --impl before
+    # on a GPU: --device cuda [--amp fp16|bf16]
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from acamkd.benchmark import IMPLS, benchmark_step, format_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="distillation YAML config")
+    parser.add_argument("--batch", type=int, default=2, help="images per step")
+    parser.add_argument("--height", type=int, default=640, help="image height")
+    parser.add_argument("--width", type=int, default=640, help="image width")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--impl",
+        choices=IMPLS,
+        default="after",
+        help="after: this code; " "before: STCA-FF via SDPA heads and the teacher under no_grad",
+    )
+    parser.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per part per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per part first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--no-levels", action="store_true", help="skip the per-level timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="", help="JSON result (default: print only)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = parser.parse_args()
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = benchmark_step(
+        args.config_file,
+        batch=args.batch,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        impl=args.impl,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        amp=args.amp,
+        opts=args.opts,
+        seed=args.seed,
+        levels=not args.no_levels,
+    )
+    print(format_report(result))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
