@@ -1,0 +1,249 @@
+"""
+STCA-FF's attention implementations (MODEL.ACAMKD.ATTENTION) against a reference: "chunked" and
+"sdpa" give the one-head attention of the explicit N x N softmax, and ACAM's losses and
+gradients with either equal the reference's in float64; the chunked path never holds an
+N x N buffer; the teacher's inference-mode forward changes no loss.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from acamkd import get_acamkd_cfg
+from acamkd.benchmark import _teacher_features_no_grad
+from acamkd.modeling import stca_ff
+from acamkd.modeling.acam import ACAMLevel
+from acamkd.modeling.stca_ff import STCAFusion, chunked_attention
+
+from tiny_models import batched_inputs, distill_cfg
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v with the N x N matrix built: the definition."""
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+class ReferenceFusion(STCAFusion):
+    """STCA-FF with the explicit N x N softmax (the implementation before any kernel)."""
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return reference_attention(q, k, v, self.scale)
+
+
+def _reference_level(level: ACAMLevel) -> ACAMLevel:
+    """A copy of ``level`` whose STCA-FF is :class:`ReferenceFusion`, same weights."""
+    ref = copy.deepcopy(level)
+    fusion = level.fusion
+    ref.fusion = ReferenceFusion(fusion.channels, query_source=fusion.query_source)
+    ref.fusion.query_channels, ref.fusion.scale = fusion.query_channels, fusion.scale
+    ref.fusion.load_state_dict(fusion.state_dict())
+    ref.fusion.double()
+    return ref
+
+
+def _assert_rel_close(actual: Tensor, expected: Tensor, rel: float = 1e-5) -> None:
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * max(expected.abs().max().item(), 1e-30), (err, expected.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked_attention
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 11 * 2, 10**9])
+def test_chunked_attention_matches_reference_values_and_gradients(chunk_elements):
+    # One query per chunk, uneven chunks (7 queries; 13 = 7 + 6), and one chunk for all.
+    q = (3 * torch.randn(2, 13, 3, dtype=torch.float64)).requires_grad_(True)
+    k = (3 * torch.randn(2, 11, 3, dtype=torch.float64)).requires_grad_(True)
+    v = torch.randn(2, 11, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 13, 5, dtype=torch.float64)
+
+    out = chunked_attention(q, k, v, 0.7, chunk_elements=chunk_elements)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    expected = reference_attention(q, k, v, 0.7)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_attention_gradcheck():
+    q = torch.randn(1, 5, 2, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 6, 2, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: chunked_attention(a, b, c, 0.5, chunk_elements=12), (q, k, v)
+    )
+
+
+def test_chunked_attention_half_precision_computes_in_float32():
+    q, k, v = (torch.randn(1, 40, w) for w in (4, 4, 8))
+    out = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.5)
+    assert out.dtype == torch.bfloat16
+    expected = reference_attention(
+        q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), 0.5
+    )
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# STCA-FF and ACAM with each implementation against the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["chunked", "sdpa"])
+@pytest.mark.parametrize("query_source", ["teacher", "student"])
+@pytest.mark.parametrize("channels", [16, 19])
+def test_fusion_matches_reference(attention, query_source, channels):
+    fusion = STCAFusion(channels, query_source=query_source, attention=attention).double()
+    ref = ReferenceFusion(channels, query_source=query_source).double()
+    ref.load_state_dict(fusion.state_dict())
+    teacher = 3 * torch.randn(2, channels, 5, 7, dtype=torch.float64)
+    student = 3 * torch.randn(2, channels, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(
+        fusion(teacher, student), ref(teacher, student), rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("attention", ["chunked", "sdpa"])
+@pytest.mark.parametrize(
+    "query_source,mask_objective,normalizer",
+    [("teacher", "descend", "sum"), ("student", "ascend", "sum_sq")],
+)
+def test_acam_losses_and_gradients_equal_reference(
+    attention, query_source, mask_objective, normalizer
+):
+    level = ACAMLevel(
+        teacher_channels=16,
+        student_channels=12,
+        num_masks=4,
+        query_source=query_source,
+        mask_objective=mask_objective,
+        normalizer=normalizer,
+        mask_init_std=0.5,  # masks away from 0.5, so the losses depend on the fusion
+        attention=attention,
+    )
+    # STCA-FF (and the alignment before it) in float64; ASCM and the losses run in float32
+    # by design, on a fused feature that agrees with the reference's to float64 precision.
+    level.fusion.double()
+    level.align.double()
+    ref = _reference_level(level)
+    teacher = 2 * torch.randn(2, 16, 9, 11, dtype=torch.float64)
+    student = 2 * torch.randn(2, 12, 9, 11, dtype=torch.float64)
+    results = []
+    for module in (level, ref):
+        s = student.clone().requires_grad_(True)
+        out = module(teacher, s)
+        params = [p for _, p in sorted(module.named_parameters())]
+        grads = torch.autograd.grad(sum(out.losses.values()), [s] + params)
+        results.append((out.losses, grads))
+    (losses, grads), (ref_losses, ref_grads) = results
+    assert (
+        set(losses)
+        == set(ref_losses)
+        == {
+            "loss_acam_channel",
+            "loss_acam_spatial",
+            "loss_acam_diversity",
+        }
+    )
+    for name in losses:
+        _assert_rel_close(losses[name], ref_losses[name])
+    for g, e in zip(grads, ref_grads):
+        _assert_rel_close(g, e)
+
+
+def test_auto_is_chunked_on_cpu_and_sdpa_elsewhere():
+    fusion = STCAFusion(8)
+    assert fusion.attention == "auto"
+    assert fusion.attention_impl(torch.device("cpu")) == "chunked"
+    assert fusion.attention_impl(torch.device("cuda")) == "sdpa"
+    assert STCAFusion(8, attention="sdpa").attention_impl(torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="attention"):
+        STCAFusion(8, attention="flash")
+
+
+def test_config_key_reaches_the_fusion_and_bad_values_name_it():
+    cfg = get_acamkd_cfg()
+    assert cfg.MODEL.ACAMKD.ATTENTION == "auto"
+    cfg.MODEL.ACAMKD.ATTENTION = "sdpa"
+    assert ACAMLevel(cfg, teacher_channels=8, student_channels=8).fusion.attention == "sdpa"
+    cfg.MODEL.ACAMKD.ATTENTION = "bogus"
+    with pytest.raises(ValueError, match="MODEL.ACAMKD.ATTENTION.*'bogus'"):
+        ACAMLevel(cfg, teacher_channels=8, student_channels=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: no N x N buffer on the chunked path, at the real COCO level shapes
+# ---------------------------------------------------------------------------------------------
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (elements) any aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("name,hw", [("RetinaNet p3", (100, 168)), ("Faster R-CNN p2", (200, 336))])
+def test_chunked_path_holds_no_n_by_n_buffer_at_coco_shapes(name, hw):
+    # Shapes only (meta tensors): forward and backward of STCA-FF at the level of a 1333x800
+    # image. Apart from the (B, N, C) features, no tensor exceeds one score chunk (16 MB in
+    # float32), and at most three chunks are alive at once, far below 1 GB; the N x N matrix
+    # would be 1.1 GB (p3) and 18 GB (p2).
+    h, w = hw
+    n, c = h * w, 256
+    fusion = STCAFusion(c, attention="chunked").to("meta")
+    teacher = torch.empty(1, c, h, w, device="meta")
+    student = torch.empty(1, c, h, w, device="meta", requires_grad=True)
+    with _LargestTensor() as mode:
+        fusion(teacher, student).sum().backward()
+    assert mode.largest <= max(stca_ff._CHUNK_ELEMENTS, n * c), (name, mode.largest)
+    assert mode.largest < n * n / 16
+    assert stca_ff._CHUNK_ELEMENTS * 4 * 3 < 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher under inference mode
+# ---------------------------------------------------------------------------------------------
+def test_teacher_inference_mode_changes_no_loss_and_gradients_flow():
+    cfg = distill_cfg("RetinaNet")
+    model = build_model(cfg)
+    model.train()
+    inputs = batched_inputs()
+    padded = (64, 96)
+    features = model.teacher_features(inputs, padded)
+    assert all(not f.is_inference() and not f.requires_grad for f in features.values())
+
+    # RetinaNet keeps running state (its loss normaliser): each pass starts from a fresh copy.
+    base = model
+    results = []
+    for teacher_features in (None, _teacher_features_no_grad):
+        model = copy.deepcopy(base)
+        if teacher_features is not None:  # the forward before issue 16, for comparison
+            model.teacher_features = teacher_features.__get__(model)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with EventStorage(0):
+            losses = model(inputs)
+        sum(losses.values()).backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (losses, grads), (ref_losses, ref_grads) = results
+    assert set(losses) == set(ref_losses)
+    for k in losses:
+        torch.testing.assert_close(losses[k], ref_losses[k], rtol=1e-6, atol=0)
+    assert set(grads) == set(ref_grads) and any(k.startswith("acam.") for k in grads)
+    assert not any(k.startswith("teacher.") for k in grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7)
