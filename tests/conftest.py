@@ -1,4 +1,6 @@
 """Shared test set-up: deterministic, CPU-only, quiet."""
+
+import logging
 import os
 
 import pytest
@@ -12,3 +14,27 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def log_records():
+    """``log_records(name, level)`` returns a list that receives the messages of logger
+    ``name`` until the test ends (a handler on that logger itself: detectron2's logger set-up,
+    run by earlier tests, stops propagation to the root logger, where caplog listens)."""
+    attached = []
+
+    def attach(name: str, level: int = logging.INFO):
+        records = []
+        handler = logging.Handler(level)
+        handler.emit = lambda record: records.append(record.getMessage())
+        log = logging.getLogger(name)
+        attached.append((log, handler, log.level))
+        log.addHandler(handler)
+        if log.getEffectiveLevel() > level:
+            log.setLevel(level)
+        return records
+
+    yield attach
+    for log, handler, level in attached:
+        log.removeHandler(handler)
+        log.setLevel(level)

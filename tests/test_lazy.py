@@ -211,6 +211,7 @@ def _train_net_args(out_dir: str, data: str):
         "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
         "model.student.num_classes=2",
+        "model.student.test_score_thresh=0.0",  # an untrained head still predicts something
         "model.teacher.allow_random_init=True",
         "model.teacher.overrides=[" + ",".join(TEACHER_TINY) + "]",
         "model.acam.num_masks=4",

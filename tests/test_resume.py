@@ -92,16 +92,9 @@ def test_is_readable_checkpoint(tmp_path):
 
 
 @pytest.fixture
-def warnings_of_checkpoint():
-    """The checkpointer's log records (a handler on its own logger: train_net.py's logger
-    set-up stops propagation to the root logger, where caplog listens)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    log = logging.getLogger("acamkd.checkpoint")
-    log.addHandler(handler)
-    yield records
-    log.removeHandler(handler)
+def warnings_of_checkpoint(log_records):
+    """The checkpointer's warnings."""
+    return log_records("acamkd.checkpoint", logging.WARNING)
 
 
 def test_resume_skips_a_truncated_last_checkpoint_with_a_warning(tmp_path, warnings_of_checkpoint):
