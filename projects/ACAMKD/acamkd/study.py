@@ -291,7 +291,8 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
         "seeds"; and "trained_now", the number of runs this call trained or resumed.
     """
     os.makedirs(output_dir, exist_ok=True)
-    jobs = [(v, s, make_stage(spec, v, s)) for v in spec.variants for s in spec.seeds]
+    # Seed-major: a study stopped early has every variant at the same number of seeds.
+    jobs = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in spec.variants]
     todo = [job for job in jobs if not job[2].is_finished(output_dir)]
     logger.info(
         "Study: %d variants x %d seeds = %d runs, %d already finished.",
@@ -300,6 +301,8 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
         len(jobs),
         len(jobs) - len(todo),
     )
+    if teacher_row is None and spec.teacher_weights:
+        teacher_row = _evaluate_teacher(spec, output_dir)
     durations: List[float] = []
     for k, (variant, seed, stage) in enumerate(todo):
         start = time.perf_counter()
@@ -317,28 +320,40 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
             _fmt_duration(durations[-1]),
             _fmt_duration(eta),
         )
+        if k + 1 < len(todo):  # a partial table, in case the study is stopped here
+            _write_study(spec, output_dir, jobs, teacher_row, require_all=False)
+    study = _write_study(spec, output_dir, jobs, teacher_row, require_all=True)
+    logger.info("Study table:\n%s", study.pop("table"))
+    return {**study, "trained_now": len(todo)}
+
+
+def _write_study(
+    spec: StudySpec, output_dir: str, jobs: Sequence, teacher_row: Optional[Dict], require_all
+) -> Dict:
+    """Tabulate the finished runs of ``jobs`` into study.md/json/png; with ``require_all``, a
+    finished run without an evaluation is an error (otherwise it is left out)."""
     runs = []
     for variant, seed, stage in jobs:
-        result = run_result(stage.output_dir(output_dir))
-        if result is None:
+        result = run_result(stage.output_dir(output_dir)) if stage.is_finished(output_dir) else None
+        if result is None and require_all:
             raise RuntimeError(
                 f"Run {stage.output_dir(output_dir)} ({variant.name}, seed {seed}) finished "
                 "without an evaluation in its metrics.json: does its config have a test set "
                 "(DATASETS.TEST / dataloader.test)?"
             )
-        runs.append({"variant": variant.name, "seed": seed, "dir": stage.name, **result})
-    if teacher_row is None and spec.teacher_weights:
-        teacher_row = _evaluate_teacher(spec, output_dir)
-    summary = summarize(runs, [v.name for v in spec.variants], teacher_row)
+        if result is not None:
+            runs.append({"variant": variant.name, "seed": seed, "dir": stage.name, **result})
+    names = [v.name for v in spec.variants if any(r["variant"] == v.name for r in runs)]
+    summary = summarize(runs, names, teacher_row)
     study = {"variants": summary, "runs": runs, "teacher": teacher_row, "seeds": list(spec.seeds)}
     with open(os.path.join(output_dir, "study.json"), "w") as f:
         json.dump(json_safe(study), f, indent=1)
     table = format_study_markdown(summary, runs[0]["task"] if runs else "bbox", teacher_row)
     with open(os.path.join(output_dir, "study.md"), "w") as f:
         f.write(table)
-    plot_study(summary, teacher_row, os.path.join(output_dir, "study.png"))
-    logger.info("Study table:\n%s", table)
-    return {**study, "trained_now": len(todo)}
+    if summary:
+        plot_study(summary, teacher_row, os.path.join(output_dir, "study.png"))
+    return {**study, "table": table}
 
 
 def _evaluate_teacher(spec: StudySpec, output_dir: str) -> Dict:
