@@ -17,9 +17,9 @@ from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.projects.deeplab.resnet import DeepLabStem
 
 from acamkd.config import add_acamkd_config
+from acamkd.engine import DistillationTrainer
 from acamkd.modeling.backbone import MobileNetV2Backbone  # noqa: F401  (registers)
 from acamkd.modeling.heads import PSPHead
-from acamkd.solver import build_lr_scheduler
 
 CONFIG_DIR = os.path.join(
     os.path.dirname(__file__), "..", "configs", "Cityscapes-SemanticSegmentation"
@@ -288,7 +288,7 @@ def test_poly_schedule():
     cfg.SOLVER.MAX_ITER = 100
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=cfg.SOLVER.BASE_LR)
-    scheduler = build_lr_scheduler(cfg, optimizer)
+    scheduler = DistillationTrainer.build_lr_scheduler(cfg, optimizer)
     lrs = []
     for _ in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -301,7 +301,7 @@ def test_poly_schedule():
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
     cfg.SOLVER.STEPS = (50,)
     optimizer = torch.optim.SGD([param], lr=0.02)
-    scheduler = build_lr_scheduler(cfg, optimizer)
+    scheduler = DistillationTrainer.build_lr_scheduler(cfg, optimizer)
     for _ in range(60):
         optimizer.step()
         scheduler.step()

@@ -12,12 +12,12 @@ from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, PeriodicWriter
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
+from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils import comm
 
 from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
 from ..data.checks import StopOnUnreadableImage, check_num_classes
 from ..evaluation import build_evaluator
-from ..solver import build_lr_scheduler
 from .hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook, unwrap_distiller
 from .nonfinite import FiniteAMPTrainer, FiniteSimpleTrainer
 
@@ -152,4 +152,6 @@ class DistillationTrainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
+        # The DeepLab project's builder: "WarmupPolyLR" (SOLVER.POLY_LR_POWER and
+        # POLY_LR_CONSTANT_ENDING), every other name detectron2's build_lr_scheduler.
         return build_lr_scheduler(cfg, optimizer)
