@@ -15,6 +15,7 @@ import torch
 from detectron2.engine import DefaultPredictor, launch
 
 from acamkd import DistillationCheckpointer, DistillationTrainer
+from acamkd.engine.nonfinite import FiniteSimpleTrainer
 from acamkd.export import export_student
 
 from tiny_models import distill_cfg, register_tiny_dataset
@@ -56,6 +57,9 @@ def _state(module: torch.nn.Module):
 
 def test_teacher_unchanged_and_student_trained_after_several_steps(tmp_path):
     trainer = DistillationTrainer(_train_cfg(tmp_path, max_iter=3))
+    # detectron2's constructor steps with this project's checkpointer and trainer loop.
+    assert isinstance(trainer.checkpointer, DistillationCheckpointer)
+    assert type(trainer._trainer) is FiniteSimpleTrainer
     trainer.resume_or_load(resume=False)
     teacher0, student0 = _state(trainer.model.teacher), _state(trainer.model.student)
     trainer.train()

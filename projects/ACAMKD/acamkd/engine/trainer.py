@@ -1,7 +1,8 @@
 """The trainer: detectron2's ``DefaultTrainer`` with the few changes distillation needs."""
 
-import contextlib
-from typing import Iterator, List
+import logging
+import weakref
+from typing import List
 
 import torch
 from torch import nn
@@ -9,11 +10,11 @@ from torch import nn
 import detectron2.data.transforms as T
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, PeriodicWriter
-from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import DefaultTrainer, PeriodicWriter, TrainerBase
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
 from ..data.checks import StopOnUnreadableImage, check_num_classes
@@ -32,28 +33,6 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
         kwargs.setdefault("device_ids", None)
     return d2_create_ddp_model(model, **kwargs)
-
-
-@contextlib.contextmanager
-def _distillation_defaults() -> Iterator[None]:
-    """
-    While ``DefaultTrainer.__init__`` runs, use the CPU-aware DDP wrapper, the checkpointer
-    that keeps teacher and student apart (and saves atomically), and the trainers that stop at a
-    non-finite loss with a precise message. All are drop-in replacements: for a plain detector
-    on GPUs they behave exactly as detectron2's. Patching the names for the duration of
-    the constructor keeps the rest of detectron2's constructor (and its future fixes) intact.
-    """
-    names = ("create_ddp_model", "DetectionCheckpointer", "SimpleTrainer", "AMPTrainer")
-    saved = {name: getattr(d2_defaults, name) for name in names}
-    d2_defaults.create_ddp_model = create_ddp_model
-    d2_defaults.DetectionCheckpointer = DistillationCheckpointer
-    d2_defaults.SimpleTrainer = FiniteSimpleTrainer
-    d2_defaults.AMPTrainer = FiniteAMPTrainer
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(d2_defaults, name, value)
 
 
 def is_semantic_segmentation(cfg: CfgNode) -> bool:
@@ -98,13 +77,39 @@ class DistillationTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
+        """
+        ``DefaultTrainer.__init__`` (detectron2 at the pinned commit, step for step), with this
+        project's parts where detectron2's constructor offers no override point: the CPU-aware
+        DDP wrapper, the trainers that stop at a non-finite loss with a precise message, and the
+        checkpointer that keeps teacher and student apart and saves atomically. For a plain
+        detector on GPUs each behaves exactly as detectron2's.
+        """
         if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
             raise ValueError(
                 "SOLVER.AMP.ENABLED is True but CUDA is not available: detectron2's AMPTrainer "
                 "needs a GPU. Set SOLVER.AMP.ENABLED False to train on the CPU."
             )
-        with _distillation_defaults():
-            super().__init__(cfg)
+        TrainerBase.__init__(self)  # not DefaultTrainer's: it is what this method replaces
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # as DefaultTrainer does when setup_logger was not called for d2
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+
+        # detectron2's order: model, optimizer, data loader, then the DDP wrapper.
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        trainer_class = FiniteAMPTrainer if cfg.SOLVER.AMP.ENABLED else FiniteSimpleTrainer
+        self._trainer = trainer_class(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DistillationCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
         # The loader has loaded the training sets: their metadata now has their classes.
         check_num_classes(cfg.DATASETS.TRAIN, self.model)
 
