@@ -7,8 +7,6 @@ from torch import Tensor, nn
 
 __all__ = ["AdaptiveSpatialChannelMasks"]
 
-_CHANNEL_MASK_FORMS = ("scalar", "per_channel")
-
 
 class AdaptiveSpatialChannelMasks(nn.Module):
     """
@@ -23,6 +21,9 @@ class AdaptiveSpatialChannelMasks(nn.Module):
     from N(0, init_std), so every mask starts near 0.5. A kind of mask that is not asked for
     (``spatial=False`` or ``channel=False``, the paper's "channel only" / "spatial only" rows)
     has no parameter and is returned as None.
+
+    Its arguments are checked where they are chosen, by :class:`~acamkd.modeling.acam.ACAMLevel`
+    (``MODEL.ACAMKD.NUM_MASKS``, ``CHANNEL_MASK_FORM``, ``MASKS``), which builds it.
     """
 
     def __init__(
@@ -44,22 +45,9 @@ class AdaptiveSpatialChannelMasks(nn.Module):
             channel (bool): build the channel masks.
         """
         super().__init__()
-        if num_masks < 1:
-            raise ValueError(
-                f"AdaptiveSpatialChannelMasks: num_masks must be >= 1, got {num_masks}"
-            )
-        if channel_mask_form not in _CHANNEL_MASK_FORMS:
-            raise ValueError(
-                "AdaptiveSpatialChannelMasks: channel_mask_form must be one of "
-                f"{_CHANNEL_MASK_FORMS}, got {channel_mask_form!r}"
-            )
         self.channels = channels
         self.num_masks = num_masks
         self.channel_mask_form = channel_mask_form
-        if not (spatial or channel):
-            raise ValueError(
-                "AdaptiveSpatialChannelMasks: build spatial masks, channel masks or both"
-            )
         self.spatial_units = self.channel_units = None
         if spatial:
             self.spatial_units = nn.Parameter(torch.empty(num_masks, channels))

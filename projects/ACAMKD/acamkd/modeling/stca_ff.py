@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 __all__ = ["ATTENTION_IMPLS", "STCAFusion", "chunked_attention"]
 
-_QUERY_SOURCES = ("teacher", "student")
 _HEAD_ALIGN = 8
 # MODEL.ACAMKD.ATTENTION: how the (identical) attention is computed. "auto" is "chunked" on the
 # CPU and "sdpa" elsewhere (CUDA); see STCAFusion.
@@ -142,6 +141,10 @@ class STCAFusion(nn.Module):
 
     ``"auto"`` (default) picks ``"chunked"`` for CPU tensors and ``"sdpa"`` otherwise. Odd C
     works on both: 19 Cityscapes classes give C_q = 9 (two SDPA heads of width 16).
+
+    Its arguments and inputs are checked by :class:`~acamkd.modeling.acam.ACAMLevel`, which
+    builds and calls it (``MODEL.ACAMKD.QUERY_SOURCE``, ``QUERY_CHANNEL_RATIO``, ``ATTENTION``;
+    teacher and aligned student of one shape with the teacher's channels).
     """
 
     def __init__(
@@ -161,20 +164,6 @@ class STCAFusion(nn.Module):
                 (see the class docstring).
         """
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"STCAFusion: channels must be >= 1, got {channels}")
-        if query_channel_ratio <= 0:
-            raise ValueError(
-                f"STCAFusion: query_channel_ratio must be > 0, got {query_channel_ratio}"
-            )
-        if query_source not in _QUERY_SOURCES:
-            raise ValueError(
-                f"STCAFusion: query_source must be one of {_QUERY_SOURCES}, got {query_source!r}"
-            )
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"STCAFusion: attention must be one of {ATTENTION_IMPLS}, got {attention!r}"
-            )
         self.channels = channels
         self.attention = attention
         self.query_channels = max(1, int(channels * query_channel_ratio))
@@ -198,15 +187,6 @@ class STCAFusion(nn.Module):
             Tensor: (B, C, H, W) fused feature F.
         """
         teacher = teacher.detach()
-        if teacher.shape != student.shape or teacher.dim() != 4:
-            raise ValueError(
-                "STCAFusion: teacher and student must both be (B, C, H, W) of the same shape, got "
-                f"{tuple(teacher.shape)} and {tuple(student.shape)}"
-            )
-        if teacher.shape[1] != self.channels:
-            raise ValueError(
-                f"STCAFusion: expected {self.channels} channels, got {teacher.shape[1]}"
-            )
         if self.query_source == "teacher":
             query_src, kv_src = teacher, student
         else:
