@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -91,6 +92,14 @@ def test_collect_acamkd_env_names_source_and_c_status() -> None:
     assert info["CUDA available"] == str(torch.cuda.is_available())
     assert info["acamkd"].startswith(importlib.metadata.version("acamkd"))
     assert info["acamkd path"] == os.path.dirname(os.path.abspath(acamkd.__file__))
+
+
+def test_one_pinned_detectron2_commit() -> None:
+    """tools/setup_env.sh installs the commit that the report calls the pinned one, and the
+    evaluator's probe of the compiled ops agrees with the report."""
+    script = (Path(__file__).resolve().parents[1] / "tools" / "setup_env.sh").read_text()
+    assert re.findall(r'^D2_COMMIT="(\w+)"$', script, re.M) == [acamkd_env.UPSTREAM_COMMIT]
+    assert acamkd_env.has_compiled_ops() == _has_detectron2_c()
 
 
 @pytest.mark.parametrize(

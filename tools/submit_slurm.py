@@ -24,9 +24,8 @@ import re
 import sys
 from typing import List, Optional
 
+from acamkd.config import REPO_ROOT
 from acamkd.slurm import TrainingJob, import_submitit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_time(value: str) -> int:
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=None, help="rendezvous port (default: derived from the job id)"
     )
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default="slurm")
-    parser.add_argument("--train-script", default=os.path.join(REPO, "train_net.py"))
+    parser.add_argument("--train-script", default=os.path.join(REPO_ROOT, "train_net.py"))
     parser.add_argument(
         "train_args", nargs=argparse.REMAINDER, help="-- then train_net.py's arguments"
     )

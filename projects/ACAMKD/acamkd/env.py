@@ -26,11 +26,14 @@ __all__ = [
     "UPSTREAM_COMMIT",
     "collect_acamkd_env",
     "describe_detectron2_distribution",
+    "detectron2_c_status",
     "format_env_report",
+    "has_compiled_ops",
     "main",
 ]
 
-# The upstream detectron2 commit this project pins (tools/setup_env.sh, D2_COMMIT).
+# The upstream detectron2 commit this project pins: the one place in Python code.
+# tools/setup_env.sh installs it as D2_COMMIT (tests/test_stack.py keeps the two equal).
 UPSTREAM_COMMIT = "a59f0563"
 # The sal-detectron2 release that was compared file by file with UPSTREAM_COMMIT; other
 # releases of that package are reported without the "same sources" claim.
@@ -132,8 +135,8 @@ def _detectron2_source() -> str:
     return f"no distribution metadata (found at {os.path.dirname(spec.origin)})"
 
 
-def _detectron2_c_status() -> Tuple[str, bool]:
-    """Whether ``detectron2._C`` imports.
+def detectron2_c_status() -> Tuple[str, bool]:
+    """Whether ``detectron2._C`` imports: the project's one probe of the compiled extension.
 
     Returns:
         tuple[str, bool]: a one-line status and whether the extension is available.
@@ -154,6 +157,11 @@ def _detectron2_c_status() -> Tuple[str, bool]:
             return f"unavailable: {', '.join(found)} is not loadable here (wants {wanted})", False
         return f"unavailable ({type(e).__name__}: {e})", False
     return "available", True
+
+
+def has_compiled_ops() -> bool:
+    """Whether detectron2's compiled ``_C`` extension loads (not with the PyPI wheel on 3.11)."""
+    return detectron2_c_status()[1]
 
 
 def _torch_cuda() -> List[Tuple[str, str]]:
@@ -194,7 +202,7 @@ def collect_acamkd_env() -> List[Tuple[str, str]]:
     """
     rows = [("detectron2 source", _safe(_detectron2_source))]
     try:
-        c_status, has_c = _detectron2_c_status()
+        c_status, has_c = detectron2_c_status()
         rows.append(("detectron2._C", c_status))
         if not has_c:
             rows.append(("without detectron2._C", _WITHOUT_C))

@@ -13,16 +13,9 @@ from detectron2.evaluation import (
     SemSegEvaluator,
 )
 
-__all__ = ["build_evaluator", "has_compiled_ops"]
+from .env import has_compiled_ops
 
-
-def has_compiled_ops() -> bool:
-    """Whether detectron2's compiled ``_C`` extension loads (it does not for the PyPI wheel)."""
-    try:
-        from detectron2 import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["build_evaluator"]
 
 
 def build_evaluator(
