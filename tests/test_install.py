@@ -16,6 +16,7 @@ sees.
 import importlib.metadata as metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,12 @@ def test_install_into_a_detectron2_environment_changes_no_installed_version(tmp_
         env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    assert "Not uninstalling" not in install.stdout, install.stdout[-3000:]
+    # pip may offer to replace a copy it finds outside the user's installed distributions
+    # (setuptools >= 71 puts its own _vendor folder, with e.g. typing_extensions 4.12.2, on
+    # sys.path); replacing one of the user's distributions is what must never happen.
+    replaced = re.findall(r"Found existing installation: (\S+) (\S+)", install.stdout)
+    user_owned = [(n, v) for n, v in replaced if before.get(canonicalize_name(n)) == v]
+    assert user_owned == [], install.stdout[-3000:]
     after = _versions(python)
 
     changed = {n: (v, after.get(n)) for n, v in before.items() if after.get(n) != v}
