@@ -305,6 +305,8 @@ def test_trainer_keeps_the_teacher_and_trains_the_student(tmp_path):
         + ["INPUT.MIN_SIZE_TRAIN", f"({H},)", "INPUT.MIN_SIZE_TRAIN_SAMPLING", "choice"]
         + ["INPUT.MAX_SIZE_TRAIN", str(W), "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3"]
         + ["OUTPUT_DIR", str(tmp_path / "out"), "SEED", "1"]
+        # One process with its own batch, not the paper's 8 GPUs rescaled.
+        + ["SOLVER.REFERENCE_WORLD_SIZE", "0"]
     )
     trainer = DistillationTrainer(cfg)
     trainer.resume_or_load(resume=False)
