@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -265,6 +266,12 @@ def test_train_net_trains_a_py_config_with_overrides(trained):
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     assert "loss_acam_spatial" in metrics[0] and "acam/p3/spatial_mask_mean" in metrics[0]
     assert "Evaluation results for bbox" in trained["log"]  # the EvalHook ran after training
+    # The package's records reach the run's log.txt, INFO included: train_net.py sets up the
+    # "acamkd" logger beside detectron2's (default_setup configures only detectron2 and fvcore).
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    assert re.search(r"\] acamkd(\.[\w.]+)? INFO: ", log), log[-3000:]
+    assert re.search(r"\] acamkd\.[\w.]+ (INFO|WARNING): ", log), log[-3000:]  # a module's logger
 
 
 def test_train_net_resumes_and_evaluates_a_py_config(trained):
