@@ -1,14 +1,18 @@
 """ACAM-KD for detectron2: Adaptive and Cooperative Attention Masking for Knowledge Distillation.
 
-Importing the package registers everything in detectron2's registries: the ACAMDistiller
-meta-architecture, a YAML-buildable FCOS, the segmentation backbones and heads, and the
-generated ``streets_*`` datasets.
+Importing the package registers everything in detectron2's registries, and nothing more: the
+ACAMDistiller meta-architecture, a YAML-buildable FCOS, RepPoints, the segmentation backbones
+and heads, and the generated ``streets_*`` dataset names. The trainer (``acamkd.engine``, with
+its hooks and matplotlib figures), the tools' modules (``demo``, ``compare``, ``study``,
+``stages``, ``env``, ``benchmark``, ``slurm``, ``visualization``) and the street generator are
+imported where they are used; ``acamkd.DistillationTrainer`` is imported on first access.
 """
+
+import importlib
 
 from . import data, modeling  # noqa: F401  (registration happens on import)
 from .checkpoint import DistillationCheckpointer
 from .config import add_acamkd_config, get_acamkd_cfg
-from .engine import DistillationTrainer
 from .modeling import ACAMDistiller, ACAMLevel
 
 __version__ = "0.1.0"
@@ -20,3 +24,16 @@ __all__ = [
     "add_acamkd_config",
     "get_acamkd_cfg",
 ]
+
+# Names imported on first access (PEP 562): name -> submodule.
+_LAZY = {"DistillationTrainer": "engine"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,4 +1,10 @@
-"""Data: the synthetic streets (generator and dataset registration) and your own COCO data."""
+"""Data: the synthetic streets (generator and dataset registration) and your own COCO data.
+
+Importing this package registers the ``streets_*`` names; the generator (``street_scene``,
+``synthetic_streets``) is imported only when one of its names is first used.
+"""
+
+import importlib
 
 from .datasets import (
     add_register_coco_argument,
@@ -6,14 +12,15 @@ from .datasets import (
     register_coco_datasets,
     streets_dataset_names,
 )
-from .street_scene import STREETS_THING_CLASSES, StreetScene, render_street_scene
-from .synthetic_streets import (
-    GENERATOR_VERSION,
-    STREETS_DIRNAME,
-    default_datasets_root,
-    generate_streets,
-    streets_dir,
-)
+from .streets_meta import STREETS_DIRNAME, STREETS_THING_CLASSES, default_datasets_root, streets_dir
+
+# The generator's names, imported on first use (PEP 562): name -> submodule.
+_GENERATOR = {
+    "StreetScene": "street_scene",
+    "render_street_scene": "street_scene",
+    "GENERATOR_VERSION": "synthetic_streets",
+    "generate_streets": "synthetic_streets",
+}
 
 __all__ = [
     "add_register_coco_argument",
@@ -29,6 +36,17 @@ __all__ = [
     "generate_streets",
     "streets_dir",
 ]
+
+
+def __getattr__(name: str):
+    if name in _GENERATOR:
+        return getattr(importlib.import_module(f".{_GENERATOR[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_GENERATOR))
+
 
 # Registration happens on import, as for detectron2's builtin datasets: the streets_* names
 # (see datasets.py) point at $DETECTRON2_DATASETS/acamkd_streets (default: datasets/), lazily,

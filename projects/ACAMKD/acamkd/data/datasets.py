@@ -29,7 +29,7 @@ from detectron2.data.datasets import load_sem_seg, register_coco_instances
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 
-from .synthetic_streets import STREETS_CITIES, STREETS_SPLITS, streets_coco_categories, streets_dir
+from .streets_meta import STREETS_CITIES, STREETS_SPLITS, streets_coco_categories, streets_dir
 
 __all__ = [
     "streets_dataset_names",

@@ -23,6 +23,7 @@ from cityscapesscripts.helpers.labels import name2label
 from PIL import Image, ImageDraw
 
 from . import street_sprites as sprites
+from .streets_meta import STREETS_THING_CLASSES  # the classes drawn as instances
 
 __all__ = [
     "STREETS_THING_CLASSES",
@@ -31,8 +32,6 @@ __all__ = [
     "render_street_scene",
 ]
 
-# Cityscapes label names of the classes drawn as instances, in COCO category order.
-STREETS_THING_CLASSES: Tuple[str, ...] = ("person", "rider", "car", "truck", "bicycle")
 # An instance is kept only if at least this many of its pixels stay visible (and at least
 # MIN_VISIBLE_FRACTION of its silhouette): slivers behind other objects are no fair target.
 MIN_INSTANCE_PIXELS = 12

@@ -31,7 +31,16 @@ import numpy as np
 from cityscapesscripts.helpers.labels import name2label
 from tqdm import tqdm
 
-from .street_scene import STREETS_THING_CLASSES, StreetScene, render_street_scene
+from .street_scene import StreetScene, render_street_scene
+from .streets_meta import (  # re-exported: the generator's callers find them here too
+    STREETS_CITIES,
+    STREETS_DIRNAME,
+    STREETS_SPLITS,
+    STREETS_THING_CLASSES,
+    default_datasets_root,
+    streets_coco_categories,
+    streets_dir,
+)
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -49,36 +58,8 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the pictures or the files change, so that old data are regenerated.
 GENERATOR_VERSION = 1
-STREETS_DIRNAME = "acamkd_streets"
-STREETS_SPLITS = ("train", "val")
-# One city per split, as in Cityscapes (no city in two splits). Cityscapes file names are
-# split on "_", so the names have none.
-STREETS_CITIES: Dict[str, str] = {"train": "synthtown", "val": "synthville"}
 _MANIFEST = "manifest.json"
 _THING_NAMES = {name2label[name].id: name for name in STREETS_THING_CLASSES}
-
-
-def default_datasets_root() -> str:
-    """``$DETECTRON2_DATASETS``, or ``datasets`` as for detectron2's builtin datasets."""
-    return os.getenv("DETECTRON2_DATASETS", "datasets")
-
-
-def streets_dir(root: Optional[str] = None) -> str:
-    """The folder of the synthetic streets under ``root`` (default: see default_datasets_root)."""
-    return os.path.join(default_datasets_root() if root is None else root, STREETS_DIRNAME)
-
-
-def streets_coco_categories() -> List[Dict]:
-    """COCO categories of the synthetic streets: ids 1..5 in STREETS_THING_CLASSES order.
-
-    Returns:
-        List[Dict]: ``{"id", "name", "supercategory"}`` per class; the supercategory is the
-        Cityscapes category ("human", "vehicle").
-    """
-    return [
-        {"id": i + 1, "name": name, "supercategory": name2label[name].category}
-        for i, name in enumerate(STREETS_THING_CLASSES)
-    ]
 
 
 def mask_to_polygons(mask: np.ndarray) -> List[List[float]]:

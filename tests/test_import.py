@@ -1,0 +1,58 @@
+"""``import acamkd`` registers the model parts and the dataset names, and imports nothing else:
+the trainer, matplotlib, the tools' modules and the street generator come when they are used."""
+
+import subprocess
+import sys
+
+import pytest
+
+import acamkd
+
+# Each check runs in a fresh interpreter: this one has imported much more by now.
+_REGISTERS_AND_STAYS_SLIM = """
+import sys
+import acamkd
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+assert "matplotlib" not in sys.modules, "matplotlib was imported"
+heavy = [
+    m
+    for m in (
+        "acamkd.engine", "acamkd.visualization", "acamkd.demo", "acamkd.compare", "acamkd.study",
+        "acamkd.stages", "acamkd.env", "acamkd.benchmark", "acamkd.slurm", "acamkd.export",
+        "acamkd.lazy", "acamkd.data.street_scene", "acamkd.data.synthetic_streets",
+    )
+    if m in sys.modules
+]
+assert not heavy, heavy
+assert {"ACAMDistiller", "RepPoints", "FCOS"} <= set(META_ARCH_REGISTRY._obj_map)
+assert {"build_mobilenetv2_backbone", "build_resnet_basic_deeplab_backbone"} <= set(
+    BACKBONE_REGISTRY._obj_map
+)
+assert "PSPHead" in SEM_SEG_HEADS_REGISTRY._obj_map
+assert {"streets_coco_train", "streets_sem_seg_val"} <= set(DatasetCatalog.list())
+"""
+
+
+def _python(code: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_import_acamkd_registers_and_imports_no_matplotlib():
+    _python(_REGISTERS_AND_STAYS_SLIM)
+
+
+def test_public_names_resolve_on_first_use():
+    from acamkd import DistillationTrainer
+    from acamkd.data import GENERATOR_VERSION, StreetScene, generate_streets
+    from acamkd.data.street_scene import StreetScene as scene_class
+    from acamkd.data.synthetic_streets import generate_streets as generate
+    from acamkd.engine import DistillationTrainer as trainer_class
+
+    assert DistillationTrainer is trainer_class and "DistillationTrainer" in dir(acamkd)
+    assert set(acamkd.__all__) <= set(dir(acamkd))
+    assert StreetScene is scene_class and generate_streets is generate and GENERATOR_VERSION >= 1
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        acamkd.NoSuchName
