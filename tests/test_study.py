@@ -193,3 +193,30 @@ def test_stage_is_finished_only_when_readable_and_trained_as_asked(tmp_path, mon
     final.write_bytes(final.read_bytes()[:20])
     assert not longer.is_finished(root)
     assert longer.run(root) and len(calls) == 3 and longer.is_finished(root)
+
+
+def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monkeypatch):
+    import acamkd.stages as stages
+
+    out = str(tmp_path / "study")
+    order, tables = [], []
+
+    def fake_train(cmd, check, cwd):  # a finished run: final checkpoint and an evaluation
+        run_dir = cmd[cmd.index("OUTPUT_DIR") + 1]
+        seed = int(cmd[cmd.index("SEED") + 1])
+        student_only = "MODEL.META_ARCHITECTURE" in cmd  # the baseline trains the student alone
+        order.append(("baseline" if student_only else "sum_sq", seed))
+        if os.path.exists(os.path.join(out, "study.json")):
+            with open(os.path.join(out, "study.json")) as f:
+                tables.append([(r["variant"], r["seed"]) for r in json.load(f)["runs"]])
+        torch.save({"model": {}, "iteration": 3}, os.path.join(run_dir, "model_final.pth"))
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            f.write(json.dumps({"iteration": 3, "bbox/AP": 10.0 + seed}) + "\n")
+
+    monkeypatch.setattr(stages.subprocess, "run", fake_train)
+    variants = [VARIANT_SETS["objective"][0], Variant("sum_sq", {"NORMALIZER": "sum_sq"})]
+    study = run_study(_spec(variants=variants), out, teacher_row={"metrics": {"AP": 50.0}})
+    assert order == [("baseline", 0), ("sum_sq", 0), ("baseline", 1), ("sum_sq", 1)]
+    # Before each later run, study.json held exactly the runs finished until then.
+    assert tables == [order[:1], order[:2], order[:3]]
+    assert [r["values"] for r in study["variants"]] == [[10.0, 11.0], [10.0, 11.0]]
