@@ -65,7 +65,10 @@ def main(args):
     check_datasets_registered(used)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = DistillationCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        # Evaluation runs the student alone: a teacher-less checkpoint's teacher is not reloaded.
+        checkpointer = DistillationCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, restore_teacher=False
+        )
         load_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():

@@ -255,9 +255,15 @@ def test_train_net_trains_a_py_config_with_overrides(trained):
     checkpoint = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu")
     assert checkpoint["iteration"] == 0  # train.max_iter=1
     state = checkpoint["model"]
-    assert any(k.startswith("teacher.") for k in state) and any(
-        k.startswith("student.") for k in state
-    )
+    # A randomly initialised teacher has no file to be reloaded from: it is saved, and
+    # recorded as such (a teacher from a file is not saved, only the file and its SHA-256).
+    assert any(k.startswith("teacher.") for k in state)
+    assert any(k.startswith("student.") for k in state)
+    assert checkpoint["teacher_source"] == {
+        "path": "",
+        "setting": "model.teacher.weights",
+        "random_init": True,
+    }
     masks = [v for k, v in state.items() if k.startswith("acam.p3.ascm.") and v.dim() == 2]
     assert masks and all(v.shape[0] == 4 for v in masks)  # model.acam.num_masks=4
     assert state["student.head.cls_score.weight"].shape[0] == 9 * 2  # model.student.num_classes=2

@@ -18,7 +18,9 @@ aligned student features and of their difference, and the M x C channel masks.
 
 Images are resized as at test time (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) and need no
 annotations. The checkpoints must be distillation checkpoints of the config's run: they hold
-the teacher and the ACAM modules, so the teacher's weights are not fetched.
+the student and the ACAM modules, and the teacher is reloaded from the config's teacher weights
+(MODEL.ACAMKD.TEACHER.WEIGHTS), which must be the file the run was distilled from (same SHA-256).
+Older checkpoints, which hold the teacher's tensors, restore it themselves.
 """
 import argparse
 import re

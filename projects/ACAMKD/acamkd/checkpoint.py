@@ -5,19 +5,25 @@ A checkpoint (and ``last_checkpoint``) is written to a temporary file in the sam
 renamed into place once complete, so a process killed while saving never leaves a truncated
 ``model_*.pth``; resuming skips, with a warning, any checkpoint that cannot be read anyway
 (e.g. cut short by a full disk or written by an older version) and uses the newest readable one.
+
+A distiller's checkpoint leaves the frozen teacher out: it records where the teacher's weights
+came from and their SHA-256 (:func:`teacher_source`), and loading it reloads the teacher from
+its setting, refusing a file whose content differs from the recorded one. (A randomly
+initialised teacher, for tests and smoke runs, has no file to be reloaded from: it is saved.)
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.file_io import Detectron2Handler
+from detectron2.utils.file_io import Detectron2Handler, PathManager
 from fvcore.common.checkpoint import Checkpointer, _IncompatibleKeys
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "is_readable_checkpoint",
     "load_checkpoint",
     "load_teacher_weights",
+    "teacher_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,10 @@ logger = logging.getLogger(__name__)
 # Suffix of the file a checkpoint is written to before it is renamed into place. It does not
 # end in ".pth", so a partial file is never taken for a checkpoint.
 _PARTIAL_SUFFIX = ".partial"
+
+# The entry of a distiller checkpoint that records where the teacher's weights came from (see
+# teacher_source); the checkpoint holds no teacher.* tensors then.
+TEACHER_SOURCE_KEY = "teacher_source"
 
 
 def is_readable_checkpoint(path: str) -> bool:
@@ -66,19 +77,30 @@ class DistillationCheckpointer(DetectionCheckpointer):
     """
     A :class:`DetectionCheckpointer` that knows the distiller's layout:
 
-    - this project's own checkpoints (student, teacher and ACAM modules) restore everything,
-      by exact names;
+    - this project's own checkpoints (student and ACAM modules; the teacher only as where its
+      weights came from and their SHA-256, see :func:`teacher_source`) restore everything, by
+      exact names: the teacher is reloaded from its setting (``MODEL.ACAMKD.TEACHER.WEIGHTS``,
+      ``model.teacher.weights``), and a file whose content differs from the recorded one is
+      refused with a :class:`TeacherWeightsError` that names both. Checkpoints that hold the
+      teacher's tensors (written before teacher-less checkpoints, or of a randomly initialised
+      teacher, which has no file) load them as they are;
     - any other checkpoint (``MODEL.WEIGHTS``: ImageNet backbones, plain detectron2 models,
       exported students) initialises the student alone. detectron2's suffix-matching loader
       would otherwise match one key against both ``teacher.*`` and ``student.*`` and fail.
 
-    - the teacher's own weights (``MODEL.ACAMKD.TEACHER.WEIGHTS``, ``model.teacher.weights``)
-      are loaded here, not when the model is built, and only when what is loaded does not hold
-      the teacher: a run that starts from ``MODEL.WEIGHTS`` (or from nothing) loads them, with
-      the strict check of :func:`load_teacher_weights`, then applies the inheritance strategy
-      if the distiller has it; resuming or evaluating a distiller checkpoint does not read them.
+    - the teacher's own weights are loaded here, not when the model is built: a run that starts
+      from ``MODEL.WEIGHTS`` (or from nothing) loads them, with the strict check of
+      :func:`load_teacher_weights`, then applies the inheritance strategy if the distiller has
+      it; a teacher-less distiller checkpoint reloads them without the inheritance.
 
     For a model that is not a distiller it behaves exactly as :class:`DetectionCheckpointer`.
+
+    Args:
+        restore_teacher (bool): reload the teacher of a teacher-less distiller checkpoint (and
+            check its file). False where the model only runs its student's inference
+            (``--eval-only``, model comparisons): the teacher's file is then neither read nor
+            checked, and the teacher keeps its random init.
+        model, save_dir, save_to_disk, checkpointables: as for :class:`DetectionCheckpointer`.
 
     Saving is atomic for a local ``save_dir``: the checkpoint and ``last_checkpoint`` are
     written to ``<name>.partial`` and renamed into place when complete. Resuming uses the
@@ -86,12 +108,21 @@ class DistillationCheckpointer(DetectionCheckpointer):
     ``.pth`` of ``save_dir``, and says so in a warning.
     """
 
+    _loading = ""  # the checkpoint load() is reading, for the messages of _load_model
+
+    def __init__(self, model, save_dir: str = "", *, restore_teacher: bool = True, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.restore_teacher = restore_teacher
+
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        if not os.path.isdir(self.save_dir):  # not a local folder: fvcore writes in place
-            return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
+        source = self._teacher_source_to_save()
+        if source is not None:
+            data[TEACHER_SOURCE_KEY] = source
+            if not source.get("random_init"):  # the teacher is reloaded from its file
+                data["model"] = {k: v for k, v in data["model"].items() if not _is_teacher_key(k)}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -99,8 +130,37 @@ class DistillationCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         assert os.path.basename(save_file) == basename, basename
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _write_atomically(save_file, lambda f: torch.save(data, f), "wb")
+        if os.path.isdir(self.save_dir):
+            _write_atomically(save_file, lambda f: torch.save(data, f), "wb")
+        else:  # not a local folder: written in place, as fvcore does
+            with self.path_manager.open(save_file, "wb") as f:
+                torch.save(data, f)
         self.tag_last_checkpoint(basename)
+
+    def _distiller(self) -> Optional[nn.Module]:
+        """The model if it is a distiller (a student and a teacher), else None."""
+        model = self.model
+        if getattr(model, "student", None) is None or getattr(model, "teacher", None) is None:
+            return None
+        return model
+
+    def _teacher_source_to_save(self) -> Optional[Dict[str, Any]]:
+        """
+        What a checkpoint records instead of the teacher's tensors: where the weights in the
+        teacher came from (:func:`teacher_source`, remembered when they were loaded, so a file
+        is hashed once per run), or, for a teacher not loaded yet, where they will come from.
+        None keeps the teacher in the checkpoint: a model that is not a distiller, a teacher
+        with no known source, or one restored from a checkpoint that held it (so does a
+        record of a randomly initialised teacher).
+        """
+        distiller = self._distiller()
+        if distiller is None:
+            return None
+        loaded = getattr(distiller.teacher, _LOADED_ATTR, None)
+        if loaded is not None:
+            return None if loaded.get("embedded") else dict(loaded)
+        weights = getattr(distiller, "teacher_weights", None)
+        return None if weights is None else teacher_source(weights)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not os.path.isdir(self.save_dir):
@@ -160,17 +220,21 @@ class DistillationCheckpointer(DetectionCheckpointer):
             raise _UnreadableCheckpoint(path, "no such file")
         if not path:  # nothing to load: a distiller's teacher still needs its weights
             self.load_teacher()
-        return super().load(path, *args, **kwargs)
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = ""
 
     def load_teacher(self) -> None:
         """
         Load a distiller's teacher from its own weights (see :class:`TeacherWeights`), then, if
         the distiller has the inheritance strategy on, copy the teacher's FPN and heads into the
-        student. :meth:`load` calls it whenever what it loads does not hold the teacher; for a
-        model that is not a distiller it does nothing.
+        student. :meth:`load` calls it whenever what it loads is not a distiller checkpoint; for
+        a model that is not a distiller it does nothing.
         """
-        model = self.model
-        if getattr(model, "student", None) is None or getattr(model, "teacher", None) is None:
+        model = self._distiller()
+        if model is None:
             return
         weights = getattr(model, "teacher_weights", None)
         if weights is None:
@@ -179,11 +243,79 @@ class DistillationCheckpointer(DetectionCheckpointer):
                 "build_lazy_teacher, so no weights are known for it: it is left as it was built."
             )
         else:
-            load_teacher_weights(model.teacher, weights, model.teacher_parts_used)
+            _load_teacher_from(model, weights)
         if getattr(model, "inherit_teacher", False):
             from .modeling.inheritance import inherit_from_teacher  # modeling imports this module
 
             inherit_from_teacher(model.student, model.teacher)
+
+    def _restore_teacher(self, recorded: Optional[Dict[str, Any]]) -> None:
+        """
+        Reload the teacher of a checkpoint that left it out, from its setting: the file must
+        have the content ``recorded`` (see :func:`teacher_source`), else
+        :class:`TeacherWeightsError` names both. The inheritance strategy is not applied: the
+        checkpoint holds the student.
+        """
+        model = self._distiller()
+        weights = getattr(model, "teacher_weights", None)
+        if weights is None:
+            logger.warning(
+                f"The checkpoint {self._loading} does not hold the teacher, and the distiller's "
+                "teacher was not built by build_frozen_teacher or build_lazy_teacher, so no "
+                "weights are known for it: it is left as it was built."
+            )
+            return
+        if not recorded:
+            logger.warning(
+                f"The checkpoint {self._loading} holds neither the teacher's weights nor where "
+                f"they came from: the teacher is loaded from {weights.key} {weights.path!r}."
+            )
+            _load_teacher_from(model, weights)
+            return
+        current = teacher_source(weights)
+        if not _same_teacher(recorded, current):
+            raise TeacherWeightsError(
+                f"The checkpoint {self._loading} was distilled from {_describe(recorded)}, "
+                f"but {weights.key} now gives {_describe(current)}: another teacher. Set "
+                f"{weights.key} to the file the checkpoint names (or one with the same "
+                "content), or start a new run in another output folder."
+            )
+        if recorded.get("path") != current.get("path"):
+            logger.info(
+                f"The checkpoint {self._loading} was distilled from the teacher "
+                f"{recorded.get('path')!r}; {weights.key} now gives {current.get('path')!r}, "
+                "with the same content."
+            )
+        _load_teacher_from(model, weights, current)
+
+    def _teacher_in_checkpoint(self, recorded: Optional[Dict[str, Any]]) -> None:
+        """
+        A checkpoint that holds the teacher's tensors: they are loaded with the rest. One of a
+        randomly initialised teacher (``recorded``) is refused, naming both, where the teacher's
+        setting now gives a file; the checkpoints saved from this model keep the teacher too.
+        """
+        model = self._distiller()
+        weights = getattr(model, "teacher_weights", None)
+        if recorded and recorded.get("random_init"):
+            if self.restore_teacher and weights is not None and weights.path:
+                raise TeacherWeightsError(
+                    f"The checkpoint {self._loading} was distilled from {_describe(recorded)}, "
+                    f"but {weights.key} now gives {weights.path!r}: another teacher. Empty "
+                    f"{weights.key} to go on with the checkpoint's random teacher, or start a "
+                    "new run in another output folder."
+                )
+            logger.info(
+                f"The checkpoint {self._loading} holds its randomly initialised teacher, which "
+                "is loaded from it."
+            )
+            setattr(model.teacher, _LOADED_ATTR, dict(recorded))
+            return
+        logger.info(
+            f"The checkpoint {self._loading} holds the teacher's weights (written before "
+            "checkpoints left the teacher out): the teacher is loaded from it, not from its "
+            "setting, and the checkpoints saved from this model keep it too."
+        )
+        setattr(model.teacher, _LOADED_ATTR, {"embedded": self._loading})
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
@@ -209,7 +341,24 @@ class DistillationCheckpointer(DetectionCheckpointer):
         if student is not None and not is_distiller_state(checkpoint["model"]):
             self.load_teacher()  # before the student: inheritance must not overwrite its init
             return DetectionCheckpointer(student)._load_model(checkpoint)
-        return super()._load_model(checkpoint)
+        if self._distiller() is None:
+            return super()._load_model(checkpoint)
+        if any(_is_teacher_key(k) for k in checkpoint["model"]):
+            self._teacher_in_checkpoint(checkpoint.get(TEACHER_SOURCE_KEY))
+            return super()._load_model(checkpoint)
+        if self.restore_teacher:
+            self._restore_teacher(checkpoint.get(TEACHER_SOURCE_KEY))
+        else:
+            logger.info(
+                f"The checkpoint {self._loading} leaves the teacher out and this model runs its "
+                "student alone: the teacher's weights are not loaded."
+            )
+        incompatible = super()._load_model(checkpoint)
+        # Not in the checkpoint by design: the teacher was reloaded above.
+        incompatible.missing_keys[:] = [
+            k for k in incompatible.missing_keys if not _is_teacher_key(k)
+        ]
+        return incompatible
 
 
 class WeightsError(RuntimeError):
@@ -306,6 +455,70 @@ def load_teacher_weights(
     with explain_unreadable_weights(weights.path, weights.key, what="the teacher weights"):
         checkpointer.load(weights.path, checkpointables=[])
     _check_teacher_keys(teacher, weights, checkpointer.incompatible, used)
+
+
+# The teacher's attribute that records where the weights now in it came from: a
+# teacher_source() record, or {"embedded": checkpoint} for a checkpoint that held them.
+_LOADED_ATTR = "acamkd_loaded_from"
+
+
+def _is_teacher_key(key: str) -> bool:
+    return key.startswith("teacher.") or key.startswith("module.teacher.")
+
+
+# SHA-256 of files already hashed in this process, by (real path, inode, size, mtime): a teacher
+# checkpoint of hundreds of MB is read once per run, not at every periodic save.
+_SHA256_CACHE: Dict[Tuple[str, int, int, int], str] = {}
+
+
+def _sha256(local_path: str) -> str:
+    st = os.stat(local_path)
+    key = (os.path.realpath(local_path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(local_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def teacher_source(weights: TeacherWeights) -> Dict[str, Any]:
+    """
+    What a distiller checkpoint records instead of the teacher's tensors: ``{"path",
+    "setting", "sha256"}``, the file as the setting gives it (a URL stays a URL; its local
+    copy is hashed), or ``{"path": "", "setting", "random_init": True}`` for a teacher with
+    no file (whose tensors the checkpoint then holds: nothing could reload them). The hash of
+    a file is computed once per process (cached by path, inode, size and modification time).
+
+    Raises:
+        WeightsError: the file cannot be read or downloaded.
+    """
+    if not weights.path:
+        return {"path": "", "setting": weights.key, "random_init": True}
+    with explain_unreadable_weights(weights.path, weights.key, what="the teacher weights"):
+        digest = _sha256(PathManager.get_local_path(weights.path))
+    return {"path": weights.path, "setting": weights.key, "sha256": digest}
+
+
+def _same_teacher(recorded: Dict[str, Any], current: Dict[str, Any]) -> bool:
+    if recorded.get("random_init") or current.get("random_init"):
+        return bool(recorded.get("random_init")) and bool(current.get("random_init"))
+    return bool(recorded.get("sha256")) and recorded.get("sha256") == current.get("sha256")
+
+
+def _describe(source: Dict[str, Any]) -> str:
+    if source.get("random_init"):
+        return f"a randomly initialised teacher ({source.get('setting')} empty)"
+    return f"{source.get('path')!r} ({source.get('setting')}, sha256 {source.get('sha256')})"
+
+
+def _load_teacher_from(
+    model: nn.Module, weights: TeacherWeights, source: Optional[Dict[str, Any]] = None
+) -> None:
+    """Load a distiller's teacher with :func:`load_teacher_weights` and remember its source."""
+    load_teacher_weights(model.teacher, weights, model.teacher_parts_used)
+    setattr(model.teacher, _LOADED_ATTR, source if source is not None else teacher_source(weights))
 
 
 def _check_teacher_keys(

@@ -160,9 +160,9 @@ def evaluate_model(
     if not spec.weights:
         raise ValueError(f"--model {spec.name}: no weights given; pass its checkpoint.")
     model, loader, names = _build(spec, dataset, device)
-    load_checkpoint(
-        DistillationCheckpointer(model), spec.weights, key=f"the WEIGHTS of --model {spec.name}"
-    )
+    # The student alone is measured: a teacher-less checkpoint's teacher is not reloaded.
+    checkpointer = DistillationCheckpointer(model, restore_teacher=False)
+    load_checkpoint(checkpointer, spec.weights, key=f"the WEIGHTS of --model {spec.name}")
     if isinstance(model, ACAMDistiller):
         model = model.student  # what the distiller deploys
     model.eval()

@@ -67,8 +67,9 @@ def add_acamkd_config(cfg: CN) -> None:
     # Allow an empty TEACHER.WEIGHTS (a randomly initialised teacher). Only for tests and
     # smoke runs: distilling from a random teacher is almost never what a user wants.
     _C.MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT = False
-    # The checkpointer loads TEACHER.WEIGHTS when a run starts (a resumed or evaluated
-    # distiller checkpoint holds the teacher already). True: every tensor distillation reads
+    # The checkpointer loads TEACHER.WEIGHTS when a run starts, and again when a run resumes
+    # (a distiller checkpoint records the file's SHA-256, not the teacher; a file of other
+    # content is refused). True: every tensor distillation reads
     # (the teacher's backbone with its FPN; also its sem_seg_head for "sem_seg_logits"; the
     # whole teacher with INHERIT_TEACHER) must load with its shape, else the run stops with
     # the missing and mis-shaped keys. False: they are only logged, and those tensors keep

@@ -265,7 +265,7 @@ class _DistillerOnlyCheckpointer(DistillationCheckpointer):
         if not is_distiller_state(checkpoint["model"]):
             raise ValueError(
                 "Not a distillation checkpoint (no 'student.*' keys): the masks come from the "
-                "ACAM modules and the teacher saved with the distiller, e.g. a run's "
+                "ACAM modules saved with the distiller, e.g. a run's "
                 "model_final.pth or model_XXXXXXX.pth."
             )
         return super()._load_model(checkpoint)
@@ -273,7 +273,9 @@ class _DistillerOnlyCheckpointer(DistillationCheckpointer):
 
 def load_distiller_checkpoint(model: ACAMDistiller, path: str) -> Dict[str, object]:
     """
-    Load a distillation checkpoint (student, teacher and ACAM modules) into ``model``.
+    Load a distillation checkpoint (student and ACAM modules; the teacher is reloaded from
+    its recorded source, see :class:`~acamkd.checkpoint.DistillationCheckpointer`) into
+    ``model``.
 
     Returns:
         dict: what the checkpoint holds besides the weights ("iteration", ...).
@@ -317,8 +319,8 @@ def visualize_checkpoints(
         checkpoints (list[str]): distillation checkpoints of that run.
         inputs (list[dict]): images from :func:`load_images`.
         model (ACAMDistiller): the model to load into; built from ``cfg`` if None. The
-            teacher's weights come from the checkpoints, so ``MODEL.ACAMKD.TEACHER.WEIGHTS``
-            is not read.
+            teacher is loaded from ``MODEL.ACAMKD.TEACHER.WEIGHTS``, which must have the
+            content the checkpoints record (once for all of them).
         panel_width, dpi, stretch_masks: see :func:`render_mask_figure`.
 
     Returns:
@@ -355,7 +357,8 @@ def visualize_checkpoints(
 
 def build_distiller_for_checkpoints(cfg: CfgNode) -> ACAMDistiller:
     """The distiller of ``cfg``, in eval mode, with nothing loaded yet (building reads no
-    weights; a distillation checkpoint holds the teacher's)."""
+    weights; loading a distillation checkpoint reloads the teacher from its recorded
+    source)."""
     if cfg.MODEL.META_ARCHITECTURE != "ACAMDistiller":
         raise ValueError(
             f"MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}: the masks exist only "

@@ -188,7 +188,10 @@ def main(args) -> Optional[Dict]:
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    checkpointer = DistillationCheckpointer(model, save_dir=cfg.train.output_dir)
+    # Evaluation runs the student alone: a teacher-less checkpoint's teacher is not reloaded.
+    checkpointer = DistillationCheckpointer(
+        model, save_dir=cfg.train.output_dir, restore_teacher=False
+    )
     load_checkpoint(
         checkpointer, cfg.train.init_checkpoint, resume=args.resume, key="train.init_checkpoint"
     )
