@@ -35,6 +35,17 @@ assert {"streets_coco_train", "streets_sem_seg_val"} <= set(DatasetCatalog.list(
 """
 
 
+_MASK_MAPS_WITHOUT_MATPLOTLIB = """
+import sys
+import acamkd.engine, acamkd.mask_maps
+
+assert "matplotlib" not in sys.modules, "matplotlib was imported"
+import acamkd.visualization
+
+assert "matplotlib" in sys.modules
+"""
+
+
 def _python(code: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,6 +53,10 @@ def _python(code: str) -> None:
 
 def test_import_acamkd_registers_and_imports_no_matplotlib():
     _python(_REGISTERS_AND_STAYS_SLIM)
+
+
+def test_trainer_and_mask_maps_import_no_matplotlib_drawing_does():
+    _python(_MASK_MAPS_WITHOUT_MATPLOTLIB)
 
 
 def test_public_names_resolve_on_first_use():

@@ -13,8 +13,8 @@ from detectron2.config import CfgNode
 from detectron2.engine import HookBase
 from detectron2.utils.events import EventWriter, get_event_storage
 
+from ..mask_maps import load_images
 from ..modeling.meta_arch.distiller import ACAMDistiller
-from ..visualization import level_rows, load_images, render_mask_figure
 from .mask_collapse import (
     COLLAPSE_HIGH,
     COLLAPSE_LOW,
@@ -101,6 +101,9 @@ class MaskVisualizationHook(HookBase):
         self.trainer.storage.put_image(self._tag, self._figure(model, next_iter))
 
     def _figure(self, model: ACAMDistiller, iteration: int) -> torch.Tensor:
+        # Drawing needs matplotlib: imported when the first figure is made, not with the trainer.
+        from ..visualization import level_rows, render_mask_figure
+
         rows = level_rows(model, self._inputs[0], self._cfg.INPUT.FORMAT)
         figure = render_mask_figure(
             rows,
