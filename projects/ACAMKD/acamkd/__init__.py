@@ -8,9 +8,7 @@ its hooks and matplotlib figures), the tools' modules (``demo``, ``compare``, ``
 imported where they are used; ``acamkd.DistillationTrainer`` is imported on first access.
 """
 
-import importlib
-
-from . import data, modeling  # noqa: F401  (registration happens on import)
+from . import _deferred, data, modeling  # noqa: F401  (registration happens on import)
 from .checkpoint import DistillationCheckpointer
 from .config import add_acamkd_config, get_acamkd_cfg
 from .modeling import ACAMDistiller, ACAMLevel
@@ -25,15 +23,5 @@ __all__ = [
     "get_acamkd_cfg",
 ]
 
-# Names imported on first access (PEP 562): name -> submodule.
-_LAZY = {"DistillationTrainer": "engine"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+# Imported on first access: name -> submodule.
+__getattr__, __dir__ = _deferred.deferred_names(__name__, {"DistillationTrainer": "engine"})

@@ -4,8 +4,7 @@ Importing this package registers the ``streets_*`` names; the generator (``stree
 ``synthetic_streets``) is imported only when one of its names is first used.
 """
 
-import importlib
-
+from .. import _deferred
 from .datasets import (
     add_register_coco_argument,
     register_all_streets,
@@ -14,13 +13,16 @@ from .datasets import (
 )
 from .streets_meta import STREETS_DIRNAME, STREETS_THING_CLASSES, default_datasets_root, streets_dir
 
-# The generator's names, imported on first use (PEP 562): name -> submodule.
-_GENERATOR = {
-    "StreetScene": "street_scene",
-    "render_street_scene": "street_scene",
-    "GENERATOR_VERSION": "synthetic_streets",
-    "generate_streets": "synthetic_streets",
-}
+# The generator's names, imported on first use: name -> submodule.
+__getattr__, __dir__ = _deferred.deferred_names(
+    __name__,
+    {
+        "StreetScene": "street_scene",
+        "render_street_scene": "street_scene",
+        "GENERATOR_VERSION": "synthetic_streets",
+        "generate_streets": "synthetic_streets",
+    },
+)
 
 __all__ = [
     "add_register_coco_argument",
@@ -36,16 +38,6 @@ __all__ = [
     "generate_streets",
     "streets_dir",
 ]
-
-
-def __getattr__(name: str):
-    if name in _GENERATOR:
-        return getattr(importlib.import_module(f".{_GENERATOR[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_GENERATOR))
 
 
 # Registration happens on import, as for detectron2's builtin datasets: the streets_* names
