@@ -171,7 +171,9 @@ def test_export_loads_in_stock_detectron2_with_identical_predictions(tmp_path, a
 
     image_path = str(tmp_path / "image.png")
     cv2.imwrite(image_path, np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
-    env = dict(os.environ, PYTHONPATH="")  # stock detectron2: nothing of this repository
+    # Stock detectron2 (nothing of this repository), with this process's thread count: a
+    # different count changes the order of float reductions, and the predictions' last bits.
+    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS=str(torch.get_num_threads()))
     stock_out = str(tmp_path / "stock.pt")
     proc = subprocess.run(
         [sys.executable, "-c", _STOCK_SCRIPT, config, image_path, stock_out],
