@@ -220,3 +220,28 @@ def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monke
     # Before each later run, study.json held exactly the runs finished until then.
     assert tables == [order[:1], order[:2], order[:3]]
     assert [r["values"] for r in study["variants"]] == [[10.0, 11.0], [10.0, 11.0]]
+
+
+def test_a_run_keeps_its_key_when_a_default_changes(monkeypatch):
+    import acamkd.study as study
+
+    names = {v.name: v for v in VARIANT_SETS["objective"] + VARIANT_SETS["paper-ablation"]}
+    spec = _spec()
+    before = {n: make_stage(spec, names[n], 0) for n in ("literal", "ascend_sum_sq", "full")}
+    assert before["full"].name == before["literal"].name  # the defaults are the literal reading
+    opts = before["literal"].opts
+    assert opts[opts.index("MODEL.ACAMKD.NORMALIZER") + 1] == "sum"  # stated, not implied
+
+    yaml_cfg = study._yaml_cfg
+
+    def new_defaults(s):  # as if config.py's defaults became ascend / sum_sq
+        cfg = yaml_cfg(s)
+        cfg.MODEL.ACAMKD.MASK_OBJECTIVE, cfg.MODEL.ACAMKD.NORMALIZER = "ascend", "sum_sq"
+        return cfg
+
+    monkeypatch.setattr(study, "_yaml_cfg", new_defaults)
+    after = {n: make_stage(spec, names[n], 0) for n in before}
+    assert after["literal"].name == before["literal"].name
+    assert after["literal"].opts == before["literal"].opts
+    assert after["ascend_sum_sq"].name == before["ascend_sum_sq"].name
+    assert after["full"].name == before["ascend_sum_sq"].name  # "full" follows the defaults

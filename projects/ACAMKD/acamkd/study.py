@@ -49,6 +49,18 @@ _MASK_KEYS = (
     "MASK_SOURCE",
 )
 _FUSION_KEYS = ("QUERY_SOURCE", "QUERY_CHANNEL_RATIO", "DETACH_STUDENT_IN_MASKS")
+# The keys the built-in variants set. A YAML study writes each of them out with its resolved
+# value, so that a run's key and command say what it trains whatever the defaults of the day
+# (a run keeps its key when a default changes, and "full" under the defaults is the same run as
+# the objective row that states those defaults).
+_STATED_KEYS = (
+    "MASKS",
+    "MASK_SOURCE",
+    "QUERY_SOURCE",
+    "MASK_OBJECTIVE",
+    "NORMALIZER",
+    "DETACH_STUDENT_IN_MASKS",
+)
 # The headline metric per evaluator task.
 _MAIN_METRIC = {"bbox": "AP", "sem_seg": "mIoU"}
 
@@ -171,8 +183,9 @@ def _yaml_cfg(spec: StudySpec):
 
 def _effective_acam(spec: StudySpec, variant: Variant) -> Dict[str, str]:
     """
-    The variant's MODEL.ACAMKD settings, without those its model has no use for and, for a
-    YAML config, without those that repeat the config's own value.
+    The variant's MODEL.ACAMKD settings, without those its model has no use for. For a YAML
+    config, every key of ``_STATED_KEYS`` and every key set by the study or the variant, with
+    its resolved value in one canonical spelling ("True", "sum_sq", "0.5").
     """
     if variant.student_only:
         return {}
@@ -181,11 +194,9 @@ def _effective_acam(spec: StudySpec, variant: Variant) -> Dict[str, str]:
         from detectron2.config import CfgNode
 
         node = _yaml_cfg(spec).MODEL.ACAMKD
-        acam = {
-            k: v
-            for k, v in acam.items()
-            if k not in node or CfgNode._decode_cfg_value(v) != node[k]
-        }
+        resolved = {k: node[k] for k in _STATED_KEYS}
+        resolved.update({k: CfgNode._decode_cfg_value(v) for k, v in acam.items()})
+        acam = {k: v if isinstance(v, str) else repr(v) for k, v in resolved.items()}
     drop = set()
     if acam.get("MASKS") == "none":
         drop.update(_MASK_KEYS + _FUSION_KEYS)
