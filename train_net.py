@@ -29,11 +29,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import acamkd  # noqa: F401  (registers the meta-architecture, backbones, heads and datasets)
-from acamkd import DistillationCheckpointer, DistillationTrainer, get_acamkd_cfg
-from acamkd.checkpoint import load_checkpoint
+from acamkd import DistillationTrainer, get_acamkd_cfg
 from acamkd.data import add_register_coco_argument, register_coco_datasets
 from acamkd.data.checks import check_datasets_registered
 from acamkd.engine import lazy_train
+from acamkd.engine.common import load_for_evaluation
 
 logger = logging.getLogger("acamkd")
 
@@ -65,11 +65,10 @@ def main(args):
     check_datasets_registered(used)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        # Evaluation runs the student alone: a teacher-less checkpoint's teacher is not reloaded.
-        checkpointer = DistillationCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, restore_teacher=False
+        # The student alone: a teacher-less checkpoint's teacher is not reloaded.
+        load_for_evaluation(
+            model, cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume=args.resume, key="MODEL.WEIGHTS"
         )
-        load_checkpoint(checkpointer, cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -27,8 +28,16 @@ from acamkd import ACAMDistiller, DistillationCheckpointer, get_acamkd_cfg
 from acamkd.checkpoint import load_checkpoint, load_teacher_weights
 from acamkd.compare import METRICS, ModelSpec, compare_models
 from acamkd.lazy import build_acam_levels, build_lazy_teacher
+from acamkd.visualization import mask_figure_size
 
-from tiny_models import REPO, assert_same_network, distill_cfg, plain_cfg, register_tiny_dataset
+from tiny_models import (
+    REPO,
+    assert_same_network,
+    distill_cfg,
+    plain_cfg,
+    register_tiny_dataset,
+    tensorboard_images,
+)
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
 DEMO = os.path.join(REPO, "configs", "Streets-Detection", "acamkd_retinanet_R_18_from_R_50_streets")
@@ -222,7 +231,8 @@ def _train_net_args(out_dir: str, data: str):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """train_net.py, in a subprocess, trains the demo's .py pair 1 iteration on tiny data."""
+    """train_net.py, in a subprocess, trains the demo's .py pair 1 iteration on tiny data, with
+    a mask figure after every iteration (train.vis_period=1)."""
     root = tmp_path_factory.mktemp("lazy_train")
     data, out = str(root / "data"), str(root / "out")
     _write_coco_json("lazy_tiny_data", data)
@@ -231,7 +241,7 @@ def trained(tmp_path_factory):
         [sys.executable, os.path.join(REPO, "train_net.py")]
         + options
         + overrides
-        + ["train.max_iter=1"],
+        + ["train.max_iter=1", "train.vis_period=1"],
         capture_output=True,
         text=True,
         cwd=str(root),  # config paths resolve against the repository, not the working dir
@@ -278,6 +288,22 @@ def test_train_net_trains_a_py_config_with_overrides(trained):
         log = f.read()
     assert re.search(r"\] acamkd(\.[\w.]+)? INFO: ", log), log[-3000:]
     assert re.search(r"\] acamkd\.[\w.]+ (INFO|WARNING): ", log), log[-3000:]  # a module's logger
+
+
+def test_a_py_config_run_logs_the_mask_table_and_draws_the_mask_figure(trained):
+    # The YAML trainer's hooks (acamkd.engine.common.with_project_hooks): the per-level table
+    # at the logging period (here the last iteration), in the console and in log.txt ...
+    table = [
+        line for line in trained["log"].splitlines() if "acam p3: spatial mean/cover/dice" in line
+    ]
+    assert table and "loss share channel/spatial/div" in table[-1], trained["log"][-3000:]
+    with open(os.path.join(trained["out"], "log.txt")) as f:
+        assert "acam p7: spatial mean/cover/dice" in f.read()
+    # ... and the TensorBoard figure of the masks, one row per level, of the first test image.
+    ((step, figure),) = tensorboard_images(trained["out"], "acam/masks")
+    assert step == 0  # made after the first (and only) iteration
+    rows = mask_figure_size(5, 4, (64, 96), 1.6, 60)  # p3-p7, num_masks=4, the 64x96 images
+    assert figure.shape == rows + (3,) and figure.astype(np.float32).var() > 500
 
 
 def test_train_net_resumes_and_evaluates_a_py_config(trained):

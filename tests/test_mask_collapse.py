@@ -1,7 +1,8 @@
 """
 The mask-collapse guard: the rule on streams of statistics shaped like the runs measured in this
 project (collapsing and healthy), the study-table helpers on a metrics.json, and the hook in a
-fake storage, a real YAML trainer run and the LazyConfig training loop.
+fake storage and a real YAML trainer run; both engines register it, with the other project
+hooks, in the same places.
 """
 
 import json
@@ -15,14 +16,16 @@ import torch
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
-from detectron2.engine import SimpleTrainer
+from detectron2.data import DatasetMapper
+from detectron2.engine import PeriodicWriter, SimpleTrainer
+from detectron2.modeling import build_model
 from detectron2.solver import get_default_optimizer_params
 from detectron2.utils.events import EventStorage
 from fvcore.common.param_scheduler import ConstantParamScheduler
 
 from acamkd import DistillationTrainer
 from acamkd.engine import lazy_train
-from acamkd.engine.hooks import MaskCollapseHook
+from acamkd.engine.hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook
 from acamkd.engine.mask_collapse import (
     COLLAPSE_LOW,
     MaskCollapseGuard,
@@ -313,32 +316,78 @@ def test_hook_fires_in_a_real_trainer_run(tmp_path):
     assert len(messages) == 10 and not any("NORMALIZER sum_sq (" in m for m in messages)
 
 
-def test_lazy_training_loop_registers_the_hook(tmp_path, monkeypatch):
+def _tiny_distiller():
+    return build_model(distill_cfg("RetinaNet"))
+
+
+def _project_hooks(hooks) -> list:
+    """The hooks of acamkd.engine.common.with_project_hooks among ``hooks``, by kind: the
+    figure (with its period and dataset), the table's writer (its period), the collapse guard
+    (its period); detectron2's writer as "writer", so their order shows."""
+    out = []
+    for h in hooks:
+        if isinstance(h, MaskVisualizationHook):
+            out.append(("figure", h._period, h._dataset))
+        elif isinstance(h, PeriodicWriter):
+            kinds = {type(w) for w in h._writers}
+            out.append(("table", h._period) if kinds == {ACAMStatsPrinter} else ("writer",))
+        elif isinstance(h, MaskCollapseHook):
+            out.append(("collapse", h.period))
+    return out
+
+
+def test_yaml_and_lazy_engines_register_the_same_project_hooks(tmp_path, monkeypatch):
+    register_tiny_dataset("tiny_engines_train", str(tmp_path / "images"))
+    cfg = distill_cfg("RetinaNet")
+    cfg.merge_from_list(
+        ["DATASETS.TRAIN", ("tiny_engines_train",), "DATASETS.TEST", (), "VIS_PERIOD", "5"]
+        + ["OUTPUT_DIR", str(tmp_path / "yaml"), "SOLVER.IMS_PER_BATCH", "2"]
+    )
+    yaml_hooks = _project_hooks(DistillationTrainer(cfg)._hooks)
+
     registered = []
 
     def fake_train(self, start_iter, max_iter):
         registered.extend(self._hooks)
 
     monkeypatch.setattr(SimpleTrainer, "train", fake_train)
-    cfg = OmegaConf.create(
+    lazy_cfg = OmegaConf.create(
         {
-            "model": L(torch.nn.Linear)(in_features=1, out_features=1),
+            "model": L(_tiny_distiller)(),
             "optimizer": L(torch.optim.SGD)(params=L(get_default_optimizer_params)(), lr=0.1),
-            "dataloader": {"train": []},
+            "dataloader": {
+                "train": [],
+                "test": {
+                    "dataset": {"names": ["tiny_engines_train"]},
+                    "mapper": L(DatasetMapper)(
+                        is_train=False, augmentations=[], image_format="BGR"
+                    ),
+                },
+            },
             "lr_multiplier": L(ConstantParamScheduler)(value=1.0),
             "train": {
-                "output_dir": str(tmp_path),
+                "output_dir": str(tmp_path / "lazy"),
                 "init_checkpoint": "",
                 "max_iter": 10,
                 "amp": {"enabled": False},
                 "ddp": {},
                 "checkpointer": {"period": 5, "max_to_keep": 1},
                 "eval_period": 0,
-                "log_period": 7,
+                "log_period": 20,  # DefaultTrainer's
+                "vis_period": 5,
                 "device": "cpu",
             },
         }
     )
-    lazy_train.do_train(cfg)
-    hooks = [h for h in registered if isinstance(h, MaskCollapseHook)]
-    assert len(hooks) == 1 and hooks[0].period == 7
+    lazy_train.do_train(lazy_cfg)
+    lazy_hooks = _project_hooks(registered)
+    # The figure before detectron2's writer (which writes it), the table right after it.
+    expected = [("figure", 5, "tiny_engines_train"), ("writer",), ("table", 20), ("collapse", 20)]
+    assert yaml_hooks == lazy_hooks == expected
+
+    # The periods follow the config: train.log_period, and no figure without train.vis_period.
+    registered.clear()
+    lazy_cfg.train.log_period = 7
+    del lazy_cfg.train["vis_period"]
+    lazy_train.do_train(lazy_cfg)
+    assert _project_hooks(registered) == [("writer",), ("table", 7), ("collapse", 7)]

@@ -356,9 +356,7 @@ def test_sem_seg_evaluator_miou_by_hand(tmp_path):
     cv2.imwrite(label_path, gt)
     record = {"file_name": str(tmp_path / "image.png"), "sem_seg_file_name": label_path}
     name = _register_sem_seg("seg_distill_tiny_eval", [record], num_classes=4)
-    cfg = get_acamkd_cfg()
-    cfg.OUTPUT_DIR = str(tmp_path)
-    evaluator = build_evaluator(cfg, name)
+    evaluator = build_evaluator(name, str(tmp_path))
     assert isinstance(evaluator, SemSegEvaluator)
     evaluator.reset()
     logits = F.one_hot(pred, 4).permute(2, 0, 1).float()  # (C, H, W) scores, argmax = pred

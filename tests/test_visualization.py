@@ -17,7 +17,7 @@ from acamkd import DistillationCheckpointer, DistillationTrainer
 from acamkd.mask_maps import compute_level_maps, feature_energy, load_images
 from acamkd.visualization import mask_figure_size
 
-from tiny_models import REPO, distill_cfg, register_tiny_dataset
+from tiny_models import REPO, distill_cfg, register_tiny_dataset, tensorboard_images
 
 LEVELS = ["p3", "p4", "p5", "p6", "p7"]
 # The finest grid and the coarsest (1 x 1, wider than the image): fewer figures to draw.
@@ -129,8 +129,6 @@ def test_level_maps_without_annotations_match_the_features(run):
 
 
 def test_training_logs_loss_shares_and_mask_statistics_and_writes_a_mask_image(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     register_tiny_dataset("tiny_vis_train", str(tmp_path / "images"))
     cfg = distill_cfg("RetinaNet")
     cfg.merge_from_list(
@@ -161,12 +159,8 @@ def test_training_logs_loss_shares_and_mask_statistics_and_writes_a_mask_image(t
     table = [r.getMessage() for r in records if "acam p3:" in r.getMessage()]
     assert table and "loss share channel/spatial/div" in table[-1]
 
-    (event_file,) = glob.glob(str(tmp_path / "out" / "events.out.tfevents.*"))
-    events = EventAccumulator(event_file, size_guidance={"images": 0})
-    events.Reload()
-    assert "acam/masks" in events.Tags()["images"]
-    (image,) = events.Images("acam/masks")
-    assert image.step == 1  # made after the second iteration (index 1)
-    decoded = cv2.imdecode(np.frombuffer(image.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+    assert len(glob.glob(str(tmp_path / "out" / "events.out.tfevents.*"))) == 1
+    ((step, decoded),) = tensorboard_images(str(tmp_path / "out"), "acam/masks")
+    assert step == 1  # made after the second iteration (index 1)
     rows = mask_figure_size(len(LEVELS), NUM_MASKS, IMAGE_HW, 1.6, 60)
     assert decoded.shape == rows + (3,) and decoded.astype(np.float32).var() > 500

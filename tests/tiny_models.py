@@ -1,7 +1,8 @@
 """Tiny teacher/student configs and a tiny on-disk detection dataset for the tests."""
 
+import glob
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -182,3 +183,20 @@ def assert_same_network(a, b) -> None:
         assert getattr(a, attr) == getattr(b, attr)
     # By name: for FCOS the YAML builds acamkd's subclass, LazyConfig detectron2's own class.
     assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+
+
+def tensorboard_images(folder: str, tag: str) -> List[Tuple[int, np.ndarray]]:
+    """The images ``tag`` of every TensorBoard event file in ``folder``, as (step, decoded
+    BGR uint8 array), in the order written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = []
+    for event_file in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        events = EventAccumulator(event_file, size_guidance={"images": 0})
+        events.Reload()
+        if tag not in events.Tags()["images"]:
+            continue
+        for image in events.Images(tag):
+            encoded = np.frombuffer(image.encoded_image_string, np.uint8)
+            images.append((image.step, cv2.imdecode(encoded, cv2.IMREAD_COLOR)))
+    return images

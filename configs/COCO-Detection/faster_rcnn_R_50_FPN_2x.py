@@ -17,6 +17,9 @@ model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 optimizer = model_zoo.get_config("common/optim.py").SGD
 train = model_zoo.get_config("common/train.py").train
+# This project's key beside detectron2's train.*: iterations between TensorBoard figures of a
+# distiller's masks (VIS_PERIOD in a YAML config); 0: none.
+train.vis_period = 0
 lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_2x
 
 # Faster R-CNN is Mask R-CNN without the mask branch (StandardROIHeads' mask_in_features=None).

@@ -88,5 +88,8 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 train = model_zoo.get_config("common/train.py").train
+# This project's key beside detectron2's train.*: iterations between TensorBoard figures of a
+# distiller's masks (VIS_PERIOD in a YAML config); 0: none.
+train.vis_period = 0
 train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
 train.max_iter = 180000

@@ -18,6 +18,9 @@ model = _base.model
 dataloader = _base.dataloader
 optimizer = _base.optimizer
 train = _base.train
+# This project's key beside detectron2's train.*: iterations between TensorBoard figures of a
+# distiller's masks (VIS_PERIOD in a YAML config); 0: none.
+train.vis_period = 0
 
 lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_2x
 train.max_iter = 180000

@@ -90,6 +90,9 @@ optimizer.weight_decay = 5e-4
 lr_multiplier = L(PolynomialDecayParamScheduler)(base_value=1.0, power=0.9)
 
 train = model_zoo.get_config("common/train.py").train
+# This project's key beside detectron2's train.*: iterations between TensorBoard figures of a
+# distiller's masks (VIS_PERIOD in a YAML config); 0: none.
+train.vis_period = 0
 train.max_iter = 40000
 train.checkpointer.period = 4000
 train.eval_period = 4000

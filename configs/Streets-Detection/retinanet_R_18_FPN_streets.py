@@ -22,6 +22,9 @@ model = _base.model
 dataloader = _base.dataloader
 optimizer = _base.optimizer
 train = _base.train
+# This project's key beside detectron2's train.*: iterations between TensorBoard figures of a
+# distiller's masks (VIS_PERIOD in a YAML config); 0: none.
+train.vis_period = 0
 
 # ResNet-18 (BasicBlock: no stride_in_1x1), BatchNorm, nothing frozen.
 model.backbone.bottom_up.stages.depth = 18

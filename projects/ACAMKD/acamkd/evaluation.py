@@ -3,7 +3,6 @@
 import os
 from typing import Optional
 
-from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
@@ -19,13 +18,24 @@ __all__ = ["build_evaluator"]
 
 
 def build_evaluator(
-    cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+    dataset_name: str, output_dir: str, output_folder: Optional[str] = None
 ) -> DatasetEvaluator:
     """
-    The evaluator for ``dataset_name``: COCO, Cityscapes instance, generic semantic
-    segmentation or Cityscapes semantic segmentation.
+    The evaluator for ``dataset_name`` by its ``evaluator_type``: COCO, Cityscapes instance,
+    generic semantic segmentation or Cityscapes semantic segmentation. The one choice of both
+    config styles: the YAML trainer's ``build_evaluator`` and the ``.py`` configs'
+    ``acamkd.lazy.build_dataset_evaluator`` call it.
+
+    Args:
+        dataset_name (str): a registered dataset.
+        output_dir (str): the run's folder (``OUTPUT_DIR``, ``train.output_dir``).
+        output_folder (str): where the COCO and generic semantic-segmentation evaluators
+            write their results; default ``{output_dir}/inference/{dataset_name}``.
+
+    Returns:
+        DatasetEvaluator: the evaluator.
     """
-    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    output_folder = output_folder or os.path.join(output_dir, "inference", dataset_name)
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     if kind == "coco":
         # The C++ COCOeval needs detectron2's _C extension; pycocotools' is the reference.

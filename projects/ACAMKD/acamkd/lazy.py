@@ -14,13 +14,11 @@ with ``LazyConfig.save`` loads back equal, and every value can be overridden fro
 line (``model.acam.num_masks=4``, ``model.teacher.weights=/path/model.pkl``).
 """
 
-import os
 from typing import Mapping, Sequence, Union
 
 from omegaconf import DictConfig
 from torch import nn
 
-from detectron2.config import CfgNode
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.modeling import build_model
 
@@ -121,5 +119,4 @@ def build_dataset_evaluator(dataset_name: str, output_dir: str = "./output") -> 
                 f"build_dataset_evaluator evaluates one dataset, got {names}: give one name."
             )
         dataset_name = names[0]
-    folder = os.path.join(output_dir, "inference", dataset_name)
-    return build_evaluator(CfgNode({"OUTPUT_DIR": output_dir}), dataset_name, folder)
+    return build_evaluator(dataset_name, output_dir)

@@ -4,16 +4,15 @@ warning when a level's masks collapse.
 """
 
 import logging
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.events import EventWriter, get_event_storage
 
-from ..mask_maps import load_images
 from ..modeling.meta_arch.distiller import ACAMDistiller
 from .mask_collapse import (
     COLLAPSE_HIGH,
@@ -51,15 +50,17 @@ class MaskVisualizationHook(HookBase):
     masks (one row per level, see :func:`acamkd.visualization.render_mask_figure`) into the
     event storage, which detectron2's TensorBoard writer writes as an image.
 
-    The image is the first of ``DATASETS.TEST[0]`` (or ``DATASETS.TRAIN[0]`` when there is no
-    test set: loading a big training set's annotations a second time costs memory) at the
-    test-time size, so successive figures show the same image.
+    The image is the first record of ``dataset`` passed through ``mapper`` (a test-time
+    mapper, which resizes it as for evaluation and drops its annotations), read when the first
+    figure is made, so successive figures show the same image. Models that are not distillers
+    with spatial and channel masks get no figure (and one warning for the second kind).
     """
 
     def __init__(
         self,
-        cfg: CfgNode,
         period: int,
+        dataset: str,
+        mapper: Callable[[dict], dict],
         *,
         tag: str = "acam/masks",
         panel_width: float = 1.6,
@@ -67,17 +68,20 @@ class MaskVisualizationHook(HookBase):
     ) -> None:
         """
         Args:
-            cfg (CfgNode): the training config (datasets, input size and format).
             period (int): iterations between figures; 0 turns the hook off.
+            dataset (str): a name registered in ``DatasetCatalog``; its first image is drawn.
+            mapper (callable): dataset record -> model input (a dict with "image"), e.g.
+                ``DatasetMapper(cfg, is_train=False)``.
             tag (str): the image's name in TensorBoard.
             panel_width, dpi: size of the figure, see :func:`render_mask_figure`.
         """
-        self._cfg = cfg
         self._period = period
+        self._dataset = dataset
+        self._mapper = mapper
         self._tag = tag
         self._panel_width = panel_width
         self._dpi = dpi
-        self._inputs: Optional[List[dict]] = None
+        self._input: Optional[dict] = None
 
     def after_step(self) -> None:
         next_iter = self.trainer.iter + 1
@@ -89,22 +93,26 @@ class MaskVisualizationHook(HookBase):
         kinds = {level.masks for level in model.acam.values()}
         if kinds != {"spatial_channel"}:
             _logger.warning(
-                "VIS_PERIOD: the mask figure draws spatial and channel masks, but this model "
-                "has MODEL.ACAMKD.MASKS %s: no figure is made.",
+                "The mask figure (VIS_PERIOD, train.vis_period) draws spatial and channel "
+                "masks, but this model has masks %s (MODEL.ACAMKD.MASKS, model.acam.masks): no "
+                "figure is made.",
                 sorted(kinds),
             )
             self._period = 0
             return
-        if self._inputs is None:
-            datasets = self._cfg.DATASETS.TEST or self._cfg.DATASETS.TRAIN
-            self._inputs = load_images(self._cfg, dataset=datasets[0], num_images=1)
+        if self._input is None:
+            records = DatasetCatalog.get(self._dataset)
+            if not records:
+                raise ValueError(f"Mask figure: dataset {self._dataset!r} has no images")
+            self._input = self._mapper(records[0])
         self.trainer.storage.put_image(self._tag, self._figure(model, next_iter))
 
     def _figure(self, model: ACAMDistiller, iteration: int) -> torch.Tensor:
         # Drawing needs matplotlib: imported when the first figure is made, not with the trainer.
         from ..visualization import level_rows, render_mask_figure
 
-        rows = level_rows(model, self._inputs[0], self._cfg.INPUT.FORMAT)
+        # The distiller is fed images in the student's format (INPUT.FORMAT).
+        rows = level_rows(model, self._input, model.student_input_format)
         figure = render_mask_figure(
             rows,
             f"ACAM masks after {iteration} iterations",

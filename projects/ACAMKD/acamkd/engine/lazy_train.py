@@ -1,17 +1,21 @@
 """
 Training and evaluation from a LazyConfig ``.py`` file, on detectron2's
-``tools/lazyconfig_train_net.py`` template, with this project's checkpointer (``train.
-init_checkpoint`` initialises the student only; ``--resume`` restores everything) and DDP
-that also runs on CPU processes.
+``tools/lazyconfig_train_net.py`` template, with what the YAML trainer has too
+(:mod:`acamkd.engine.common`): this project's checkpointer (``train.init_checkpoint``
+initialises the student only; ``--resume`` restores everything), the step loop that stops at a
+non-finite loss, the mask-statistics table, the mask-collapse warning and the TensorBoard mask
+figure; and DDP that also runs on CPU processes.
 
 The config has detectron2's standard top-level names: ``model``, ``dataloader.{train, test,
 evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train`` (``output_dir``,
 ``init_checkpoint``, ``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``,
-``log_period``, ``device``), as in detectron2's ``configs/common/train.py``.
+``log_period``, ``device``), as in detectron2's ``configs/common/train.py``, plus this
+project's optional ``train.vis_period`` (the YAML ``VIS_PERIOD``: iterations between mask
+figures; 0 or absent: none).
 """
 
 import logging
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,10 +26,15 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import DistillationCheckpointer, load_checkpoint
 from ..data.checks import StopOnUnreadableImage, check_datasets_registered, check_num_classes
-from .hooks import MaskCollapseHook
-from .nonfinite import LAZY_CURES, FiniteAMPTrainer, FiniteSimpleTrainer
+from .common import (
+    build_checkpointer,
+    build_step_trainer,
+    load_for_evaluation,
+    load_for_training,
+    with_project_hooks,
+)
+from .nonfinite import LAZY_CURES
 from .trainer import create_ddp_model
 
 __all__ = ["is_lazy_config", "setup_lazy", "do_test", "do_train", "main"]
@@ -94,6 +103,20 @@ def _build_train_loader(cfg: DictConfig):
         loader.mapper = mapper
 
 
+def _figure_data(cfg: DictConfig) -> Tuple[Optional[str], Optional[Callable[[dict], dict]]]:
+    """The mask figure's dataset (the first of ``dataloader.test.dataset.names``, else of
+    ``dataloader.train``'s) and its test-time mapper (``dataloader.test.mapper``), as the YAML
+    trainer takes them from DATASETS.TEST and INPUT; None for what the config lacks."""
+    names = _dataset_names(cfg, "test") or _dataset_names(cfg, "train")
+    if names is not None and not isinstance(names, str):
+        names = next(iter(names), None)
+    try:
+        mapper = OmegaConf.select(cfg, "dataloader.test.mapper", default=None)
+    except Exception:  # a loader of another layout
+        mapper = None
+    return names, (instantiate(mapper) if mapper is not None else None)
+
+
 def do_test(cfg: DictConfig, model: torch.nn.Module) -> Optional[Dict]:
     """
     Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``.
@@ -114,7 +137,9 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
     """
     Train ``cfg.model`` with ``SimpleTrainer`` (or ``AMPTrainer``) and detectron2's hooks:
     LR schedule, periodic checkpoints, evaluation every ``train.eval_period`` and at the end,
-    metrics writers.
+    metrics writers; for a distiller also the YAML trainer's (:func:`with_project_hooks`):
+    the mask-statistics table and collapse warning every ``train.log_period`` iterations, and
+    a TensorBoard mask figure every ``train.vis_period``.
 
     Args:
         cfg (DictConfig): the config, see the module docstring.
@@ -134,37 +159,45 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
         check_num_classes(names, model, yaml=False, dataset_key="dataloader.train.dataset.names")
 
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer_class = FiniteAMPTrainer if cfg.train.amp.enabled else FiniteSimpleTrainer
-    trainer = trainer_class(model, train_loader, optim)
-    trainer.cures = LAZY_CURES  # the non-finite loss message names this config's keys
-    checkpointer = DistillationCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # The non-finite loss message names this config's keys.
+    trainer = build_step_trainer(
+        model, train_loader, optim, amp=cfg.train.amp.enabled, cures=LAZY_CURES
+    )
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer)
+    vis_period = OmegaConf.select(cfg, "train.vis_period", default=0) or 0
+    figure_dataset, figure_mapper = _figure_data(cfg) if vis_period > 0 else (None, None)
+    standard = [
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        (
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None
+        ),
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        (
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None
+        ),
+    ]
     trainer.register_hooks(
-        [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            (
-                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-                if comm.is_main_process()
-                else None
-            ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
-                )
-                if comm.is_main_process()
-                else None
-            ),
-            MaskCollapseHook(period=cfg.train.log_period) if comm.is_main_process() else None,
-        ]
+        with_project_hooks(
+            standard,
+            model,
+            log_period=cfg.train.log_period,
+            vis_period=vis_period,
+            figure_dataset=figure_dataset,
+            figure_mapper=figure_mapper,
+        )
     )
 
-    load_checkpoint(
-        checkpointer, cfg.train.init_checkpoint, resume=resume, key="train.init_checkpoint"
+    start_iter = load_for_training(
+        checkpointer, trainer, cfg.train.init_checkpoint, resume=resume, key="train.init_checkpoint"
     )
-    # The checkpoint stores the iteration that just finished: start at the next one.
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
 
 
@@ -188,11 +221,11 @@ def main(args) -> Optional[Dict]:
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     model = create_ddp_model(model)
-    # Evaluation runs the student alone: a teacher-less checkpoint's teacher is not reloaded.
-    checkpointer = DistillationCheckpointer(
-        model, save_dir=cfg.train.output_dir, restore_teacher=False
-    )
-    load_checkpoint(
-        checkpointer, cfg.train.init_checkpoint, resume=args.resume, key="train.init_checkpoint"
+    load_for_evaluation(
+        model,
+        cfg.train.output_dir,
+        cfg.train.init_checkpoint,
+        resume=args.resume,
+        key="train.init_checkpoint",
     )
     return do_test(cfg, model)

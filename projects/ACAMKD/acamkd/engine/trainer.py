@@ -10,19 +10,21 @@ from torch import nn
 import detectron2.data.transforms as T
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, PeriodicWriter, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.projects.deeplab import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import DistillationCheckpointer, explain_unreadable_weights
 from ..data.checks import StopOnUnreadableImage, check_num_classes
 from ..evaluation import build_evaluator
-from .hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook, unwrap_distiller
-from .nonfinite import FiniteAMPTrainer, FiniteSimpleTrainer
+from .common import build_checkpointer, build_step_trainer, load_for_training, with_project_hooks
+from .nonfinite import YAML_CURES
 
 __all__ = ["DistillationTrainer", "create_ddp_model", "is_semantic_segmentation"]
+
+# DefaultTrainer's logging period (its PeriodicWriter's, fixed in detectron2).
+_LOG_PERIOD = 20
 
 
 def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
@@ -74,6 +76,9 @@ class DistillationTrainer(DefaultTrainer):
     - for a distiller, the per-level mask statistics are logged as a table, a warning names
       any level whose masks collapse, and every ``VIS_PERIOD`` iterations a figure of the
       masks goes to TensorBoard.
+
+    The step loop, the checkpointer, its loading and these hooks are the LazyConfig loop's
+    too (:mod:`acamkd.engine.common`).
     """
 
     def __init__(self, cfg: CfgNode):
@@ -99,13 +104,12 @@ class DistillationTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        trainer_class = FiniteAMPTrainer if cfg.SOLVER.AMP.ENABLED else FiniteSimpleTrainer
-        self._trainer = trainer_class(model, data_loader, optimizer)
+        self._trainer = build_step_trainer(
+            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, cures=YAML_CURES
+        )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DistillationCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = build_checkpointer(model, cfg.OUTPUT_DIR, weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -114,36 +118,33 @@ class DistillationTrainer(DefaultTrainer):
         check_num_classes(cfg.DATASETS.TRAIN, self.model)
 
     def build_hooks(self):
-        ret = super().build_hooks()
-        distiller = unwrap_distiller(self.model) is not None
-        if self.cfg.VIS_PERIOD > 0 and comm.is_main_process() and distiller:
-            # Before the writers, so that the figure is written at the iteration it is made.
-            writers = [i for i, h in enumerate(ret) if isinstance(h, PeriodicWriter)]
-            at = writers[0] if writers else len(ret)
-            ret.insert(at, MaskVisualizationHook(self.cfg, self.cfg.VIS_PERIOD))
-        if comm.is_main_process() and distiller:
-            ret.append(MaskCollapseHook())
-        return ret
-
-    def build_writers(self):
-        writers = super().build_writers()
-        if unwrap_distiller(self.model) is not None:
-            writers.insert(1, ACAMStatsPrinter())  # after detectron2's console printer
-        return writers
+        """``DefaultTrainer``'s hooks with this project's (:func:`with_project_hooks`); the mask
+        figure shows the first image of ``DATASETS.TEST[0]`` (``DATASETS.TRAIN[0]`` without a
+        test set: loading a big training set's annotations a second time costs memory)."""
+        cfg = self.cfg
+        datasets = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
+        figure = cfg.VIS_PERIOD > 0 and len(datasets) > 0
+        return with_project_hooks(
+            super().build_hooks(),
+            self.model,
+            log_period=_LOG_PERIOD,
+            vis_period=cfg.VIS_PERIOD,
+            figure_dataset=datasets[0] if figure else None,
+            figure_mapper=DatasetMapper(cfg, is_train=False) if figure else None,
+        )
 
     def resume_or_load(self, resume: bool = True) -> None:
         """
         ``DefaultTrainer.resume_or_load``; when ``MODEL.WEIGHTS`` is what gets loaded and it
         cannot be read, the error names it and says how to pass a local copy.
         """
-        if resume and self.checkpointer.has_checkpoint():
-            return super().resume_or_load(resume=True)
-        with explain_unreadable_weights(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"):
-            return super().resume_or_load(resume=resume)
+        self.start_iter = load_for_training(
+            self.checkpointer, self, self.cfg.MODEL.WEIGHTS, resume=resume, key="MODEL.WEIGHTS"
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
+        return build_evaluator(dataset_name, cfg.OUTPUT_DIR, output_folder)
 
     @classmethod
     def build_train_loader(cls, cfg):
