@@ -187,3 +187,26 @@ def test_method_doc_names_every_switch_with_its_current_default():
 
 def test_readme_links_the_method_doc():
     assert "](docs/METHOD.md)" in _read_text("README.md")
+
+
+def _readme_layout() -> str:
+    """The README's "Repository layout" section."""
+    return _read_text("README.md").split("## Repository layout\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_layout_names_every_module_and_tool():
+    layout = _readme_layout()
+    package = "projects/ACAMKD/acamkd/"
+    missing = []
+    for f in _repo_files():
+        if f.startswith(package) and f.endswith(".py"):
+            rel = f[len(package) :]  # e.g. engine/common.py, modeling/meta_arch/distiller.py
+            folder, name = os.path.split(rel)
+            if folder and name == "__init__.py":
+                continue  # a subpackage's: its modules are what is listed
+            # Listed as its path, or by its name on its folder's line(s).
+            if rel not in layout and not (folder and f"{folder}/" in layout and name in layout):
+                missing.append(f)
+        elif f.startswith("tools/") and os.path.basename(f) not in layout:
+            missing.append(f)
+    assert not missing, f"README's 'Repository layout' does not list {missing}"
