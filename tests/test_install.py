@@ -34,12 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 _USER_ROOTS = ("torch", "torchvision", "opencv-python-headless", "setuptools", "fvcore", "iopath")
 _D2_DISTRIBUTIONS = ("detectron2", "sal-detectron2")
 
-# Prints {distribution: version} as the interpreter that runs it resolves them (first on sys.path).
+# Prints {distribution: version} as the interpreter that runs it resolves them (first on sys.path),
+# leaving out the copies a package vendors (setuptools >= 71 puts its _vendor folder, with e.g.
+# typing_extensions 4.12.2, on sys.path): they are not installed distributions.
 _VERSIONS = """
 import importlib.metadata as m, json
 out = {}
 for d in m.distributions():
-    out.setdefault(d.metadata["Name"].lower().replace("_", "-"), d.version)
+    if "_vendor" not in str(getattr(d, "_path", "")):
+        out.setdefault(d.metadata["Name"].lower().replace("_", "-"), d.version)
 print(json.dumps(out))
 """
 
@@ -119,9 +122,8 @@ def test_install_into_a_detectron2_environment_changes_no_installed_version(tmp_
         env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    # pip may offer to replace a copy it finds outside the user's installed distributions
-    # (setuptools >= 71 puts its own _vendor folder, with e.g. typing_extensions 4.12.2, on
-    # sys.path); replacing one of the user's distributions is what must never happen.
+    # pip may offer to replace a vendored copy (see _VERSIONS); replacing one of the user's
+    # installed distributions is what must never happen.
     replaced = re.findall(r"Found existing installation: (\S+) (\S+)", install.stdout)
     user_owned = [(n, v) for n, v in replaced if before.get(canonicalize_name(n)) == v]
     assert user_owned == [], install.stdout[-3000:]
