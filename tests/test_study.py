@@ -245,3 +245,31 @@ def test_a_run_keeps_its_key_when_a_default_changes(monkeypatch):
     assert after["literal"].opts == before["literal"].opts
     assert after["ascend_sum_sq"].name == before["ascend_sum_sq"].name
     assert after["full"].name == before["ascend_sum_sq"].name  # "full" follows the defaults
+
+
+def test_table_only_trains_nothing_and_tables_the_finished_runs(tmp_path, monkeypatch):
+    import acamkd.stages as stages
+
+    out = str(tmp_path / "study")
+    trained = []
+
+    def fake_train(cmd, check, cwd):
+        run_dir = cmd[cmd.index("OUTPUT_DIR") + 1]
+        trained.append(run_dir)
+        torch.save({"model": {}, "iteration": 3}, os.path.join(run_dir, "model_final.pth"))
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            f.write(json.dumps({"iteration": 3, "bbox/AP": 10.0}) + "\n")
+
+    monkeypatch.setattr(stages.subprocess, "run", fake_train)
+    baseline, sum_sq = VARIANT_SETS["objective"][0], Variant("sum_sq", {"NORMALIZER": "sum_sq"})
+    teacher_row = {"metrics": {"AP": 50.0}}
+    run_study(_spec(variants=[baseline], seeds=[0, 1]), out, teacher_row=teacher_row)
+    assert len(trained) == 2
+    # Another process trains sum_sq elsewhere; a table of both trains nothing more.
+    study = run_study(
+        _spec(variants=[baseline, sum_sq], seeds=[0, 1]), out, teacher_row, train=False
+    )
+    assert len(trained) == 2 and study["trained_now"] == 0
+    assert [r["variant"] for r in study["variants"]] == ["baseline"]
+    table = open(os.path.join(out, "study.md")).read()
+    assert "| baseline | 2 | 10.00 ± 0.00 |" in table and "sum_sq" not in table

@@ -74,6 +74,11 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: tabulate the runs finished so far (e.g. while others still train)",
+    )
+    parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="overrides of every student run, config syntax"
     )
     return parser
@@ -123,7 +128,7 @@ def main() -> None:
         baseline_config=args.baseline_config,
         num_gpus=args.num_gpus,
     )
-    study = run_study(spec, args.output_dir)
+    study = run_study(spec, args.output_dir, train=not args.table_only)
     print(open(os.path.join(args.output_dir, "study.md")).read())
     return study
 

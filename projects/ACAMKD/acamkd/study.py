@@ -287,7 +287,9 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = None) -> Dict:
+def run_study(
+    spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = None, train: bool = True
+) -> Dict:
     """
     Train and evaluate every (variant, seed) not already finished, then write
     ``study.md``, ``study.json`` and ``study.png`` under ``output_dir``.
@@ -296,6 +298,7 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
         teacher_row (dict or None): the teacher's evaluation (``{"metrics": {...}}``), for the
             gap column; None evaluates ``spec.teacher_config`` with ``spec.teacher_weights``
             (no teacher row when there are no teacher weights: a baselines-only study).
+        train (bool): False trains nothing and tabulates the runs finished so far.
 
     Returns:
         dict: what ``study.json`` holds: "variants" (the summary rows), "runs", "teacher" and
@@ -304,13 +307,14 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
     os.makedirs(output_dir, exist_ok=True)
     # Seed-major: a study stopped early has every variant at the same number of seeds.
     jobs = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in spec.variants]
-    todo = [job for job in jobs if not job[2].is_finished(output_dir)]
+    unfinished = [job for job in jobs if not job[2].is_finished(output_dir)]
+    todo = unfinished if train else []
     logger.info(
         "Study: %d variants x %d seeds = %d runs, %d already finished.",
         len(spec.variants),
         len(spec.seeds),
         len(jobs),
-        len(jobs) - len(todo),
+        len(jobs) - len(unfinished),
     )
     if teacher_row is None and spec.teacher_weights:
         teacher_row = _evaluate_teacher(spec, output_dir)
@@ -333,7 +337,7 @@ def run_study(spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = No
         )
         if k + 1 < len(todo):  # a partial table, in case the study is stopped here
             _write_study(spec, output_dir, jobs, teacher_row, require_all=False)
-    study = _write_study(spec, output_dir, jobs, teacher_row, require_all=True)
+    study = _write_study(spec, output_dir, jobs, teacher_row, require_all=train)
     logger.info("Study table:\n%s", study.pop("table"))
     return {**study, "trained_now": len(todo)}
 
@@ -448,10 +452,10 @@ def _c(value, fmt: str) -> str:
 def format_study_markdown(rows: Sequence[Dict], task: str, teacher_row: Optional[Dict]) -> str:
     """The summary of :func:`summarize` as a Markdown table."""
     metric = _MAIN_METRIC[task]
-    n = max((len(r["values"]) for r in rows), default=0)
     head = [
         "variant",
-        f"{metric} (mean ± std, {n} seeds)",
+        "seeds",
+        f"{metric} (mean ± std)",
         "Δ baseline",
         "gap closed",
         "train s/iter",
@@ -470,6 +474,7 @@ def format_study_markdown(rows: Sequence[Dict], task: str, teacher_row: Optional
         m = r["masks"]
         cells = [
             r["variant"],
+            str(len(r["values"])),  # a study stopped early may have fewer seeds in some rows
             f"{_c(r['mean'], '.2f')} ± {_c(r['std'], '.2f')}",
             _c(r["delta"], "+.2f"),
             _c(r["gap_closed"], ".0%"),
