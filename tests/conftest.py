@@ -38,3 +38,12 @@ def log_records():
     for log, handler, level in attached:
         log.removeHandler(handler)
         log.setLevel(level)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tests of tiny models use it through pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

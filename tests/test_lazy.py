@@ -51,13 +51,8 @@ UNREACHABLE = "detectron2://ACAMKD-tests/nowhere/model_final.pkl"
 UNREACHABLE_HTTPS = "https://dl.fbaipublicfiles.com/detectron2/ACAMKD-tests/nowhere/model_final.pkl"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster when the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and far faster when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(path: str) -> str:

@@ -38,13 +38,8 @@ TEACHER_R50 = ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.NUM_GROUPS", "1"]
 TEACHER_R50 += ["MODEL.RESNETS.WIDTH_PER_GROUP", "64"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster when the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and far faster when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(num_classes: int = 2):

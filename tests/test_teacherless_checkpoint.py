@@ -29,13 +29,8 @@ SETTING = "MODEL.ACAMKD.TEACHER.WEIGHTS"
 CHECKPOINT_SIZE_TOOL = os.path.join(REPO, "tools", "checkpoint_size.py")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster when the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast, and far faster when the cores are shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
