@@ -215,8 +215,9 @@ def test_masked_losses_hand_computed():
     # Two masks average; two images average.
     ones = torch.ones(1, 1, 1, 2)
     two_masks = torch.cat([spatial, ones], dim=1)  # second mask: 14 / (2 * 2)
-    assert masked_spatial_loss(diff, two_masks).item() == pytest.approx((6.5 / 3 + 3.5) / 2)
-    batch = masked_spatial_loss(torch.cat([diff, 2 * diff]), torch.cat([spatial, spatial]))
+    two = masked_spatial_loss(diff, two_masks, "sum")
+    assert two.item() == pytest.approx((6.5 / 3 + 3.5) / 2)
+    batch = masked_spatial_loss(torch.cat([diff, 2 * diff]), torch.cat([spatial, spatial]), "sum")
     assert batch.item() == pytest.approx((6.5 / 3 + 4 * 6.5 / 3) / 2)
 
 
@@ -418,7 +419,7 @@ def test_from_config_defaults():
     assert level.ascm.channel_units.shape == (6, 1)
     assert level.fusion.query_source == "teacher" and level.fusion.query_channels == 8
     assert isinstance(level.align, nn.Conv2d) and level.align.in_channels == 8
-    assert level.mask_objective == "descend" and level.normalizer == "sum"
+    assert level.mask_objective == "descend" and level.normalizer == "sum_sq"
     assert level.diversity_targets == "both" and not level.detach_student_in_masks
     assert level.loss_weight == 1.0 and level.diversity_weight == 1.0 and level.dice_eps == 1e-6
     # Equal widths still align with a conv by default.

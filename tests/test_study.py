@@ -227,8 +227,10 @@ def test_a_run_keeps_its_key_when_a_default_changes(monkeypatch):
 
     names = {v.name: v for v in VARIANT_SETS["objective"] + VARIANT_SETS["paper-ablation"]}
     spec = _spec()
-    before = {n: make_stage(spec, names[n], 0) for n in ("literal", "ascend_sum_sq", "full")}
-    assert before["full"].name == before["literal"].name  # the defaults are the literal reading
+    before = {
+        n: make_stage(spec, names[n], 0) for n in ("literal", "sum_sq", "ascend_sum_sq", "full")
+    }
+    assert before["full"].name == before["sum_sq"].name  # the defaults: descend, sum_sq
     opts = before["literal"].opts
     assert opts[opts.index("MODEL.ACAMKD.NORMALIZER") + 1] == "sum"  # stated, not implied
 

@@ -86,7 +86,7 @@ class ACAMLevel(nn.Module):
         channel_mask_form: str = "scalar",
         detach_student_in_masks: bool = False,
         mask_objective: str = "descend",
-        normalizer: str = "sum",
+        normalizer: str = "sum_sq",
         diversity_targets: str = "both",
         align: str = "always",
         loss_weight: float = 1.0,

@@ -48,7 +48,7 @@ def _mask_normalizer(masks: Tensor, normalizer: str) -> Tensor:
     raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
 
 
-def masked_channel_loss(diff: Tensor, channel_masks: Tensor, normalizer: str = "sum") -> Tensor:
+def masked_channel_loss(diff: Tensor, channel_masks: Tensor, normalizer: str = "sum_sq") -> Tensor:
     """
     ``Lc = 1/M sum_m ||Mc_m * D||^2 / (H*W * n(Mc_m))``, per image, then the batch mean.
 
@@ -70,7 +70,7 @@ def masked_channel_loss(diff: Tensor, channel_masks: Tensor, normalizer: str = "
     return (numer / denom.clamp_min(_MIN_DENOMINATOR)).mean(dim=1).mean()
 
 
-def masked_spatial_loss(diff: Tensor, spatial_masks: Tensor, normalizer: str = "sum") -> Tensor:
+def masked_spatial_loss(diff: Tensor, spatial_masks: Tensor, normalizer: str = "sum_sq") -> Tensor:
     """
     ``Ls = 1/M sum_m ||Ms_m * D||^2 / (C * n(Ms_m))``, per image, then the batch mean.
 
