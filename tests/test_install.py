@@ -48,7 +48,14 @@ print(json.dumps(out))
 
 
 def _installed() -> Dict[str, metadata.Distribution]:
-    return {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions()}
+    """This interpreter's installed distributions, the first on sys.path of each name, without
+    vendored copies (importing setuptools >= 71, as earlier tests do, appends its _vendor
+    folder to sys.path, with e.g. typing_extensions 4.12.2)."""
+    found: Dict[str, metadata.Distribution] = {}
+    for d in metadata.distributions():
+        if "_vendor" not in str(getattr(d, "_path", "")):
+            found.setdefault(canonicalize_name(d.metadata["Name"]), d)
+    return found
 
 
 def _closure(roots: List[str], installed: Dict[str, metadata.Distribution]) -> List[str]:
