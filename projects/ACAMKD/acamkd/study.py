@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .compare import json_safe
 from .engine.mask_collapse import is_collapsed, read_final_statistics
@@ -309,6 +309,7 @@ def run_study(
     jobs = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in spec.variants]
     unfinished = [job for job in jobs if not job[2].is_finished(output_dir)]
     todo = unfinished if train else []
+    finished = {stage.name for _, _, stage in jobs} - {stage.name for _, _, stage in unfinished}
     logger.info(
         "Study: %d variants x %d seeds = %d runs, %d already finished.",
         len(spec.variants),
@@ -323,6 +324,7 @@ def run_study(
         start = time.perf_counter()
         stage.run(output_dir)
         durations.append(time.perf_counter() - start)
+        finished.add(stage.name)
         eta = statistics.fmean(durations) * (len(todo) - k - 1)
         result = run_result(stage.output_dir(output_dir)) or {}
         logger.info(
@@ -336,20 +338,28 @@ def run_study(
             _fmt_duration(eta),
         )
         if k + 1 < len(todo):  # a partial table, in case the study is stopped here
-            _write_study(spec, output_dir, jobs, teacher_row, require_all=False)
-    study = _write_study(spec, output_dir, jobs, teacher_row, require_all=train)
+            _write_study(spec, output_dir, jobs, finished, teacher_row, require_all=False)
+    study = _write_study(spec, output_dir, jobs, finished, teacher_row, require_all=train)
     logger.info("Study table:\n%s", study.pop("table"))
     return {**study, "trained_now": len(todo)}
 
 
 def _write_study(
-    spec: StudySpec, output_dir: str, jobs: Sequence, teacher_row: Optional[Dict], require_all
+    spec: StudySpec,
+    output_dir: str,
+    jobs: Sequence,
+    finished: Set[str],
+    teacher_row: Optional[Dict],
+    require_all: bool,
 ) -> Dict:
-    """Tabulate the finished runs of ``jobs`` into study.md/json/png; with ``require_all``, a
-    finished run without an evaluation is an error (otherwise it is left out)."""
+    """Tabulate the runs of ``jobs`` whose stage names are in ``finished`` into
+    study.md/json/png; with ``require_all``, a finished run without an evaluation is an error
+    (otherwise it is left out)."""
     runs = []
     for variant, seed, stage in jobs:
-        result = run_result(stage.output_dir(output_dir)) if stage.is_finished(output_dir) else None
+        if stage.name not in finished:
+            continue
+        result = run_result(stage.output_dir(output_dir))
         if result is None and require_all:
             raise RuntimeError(
                 f"Run {stage.output_dir(output_dir)} ({variant.name}, seed {seed}) finished "
