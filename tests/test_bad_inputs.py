@@ -256,7 +256,7 @@ def test_images_smaller_than_the_largest_fpn_stride_train():
         outputs = model.distill(inputs)
         losses = model(inputs)
     assert documented_messages()["small-images"] == []  # nothing to see: it trains
-    assert outputs["p7"].stats["teacher_feature_absmax"] > 0
+    assert outputs.levels["p7"].stats["teacher_feature_absmax"] > 0
     assert all(torch.isfinite(v) for v in losses.values())
 
 

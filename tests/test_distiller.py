@@ -11,6 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from acamkd import DistillationCheckpointer
+from acamkd.modeling import ACAMOutput, DistillOutput
 from acamkd.modeling.meta_arch.distiller import _check_levels
 from acamkd.modeling.teacher import build_frozen_teacher, resolve_config_file
 
@@ -57,6 +58,36 @@ def test_training_step_returns_student_and_acam_losses(distiller):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     model.zero_grad(set_to_none=True)
+
+
+def test_distill_returns_the_students_output_and_each_levels_acam_output(distiller):
+    arch, model = distiller
+    model.train()
+    inputs = batched_inputs()
+    with EventStorage():
+        torch.manual_seed(1)
+        out = model.distill(inputs)
+        torch.manual_seed(1)
+        losses = model(inputs)
+    assert isinstance(out, DistillOutput) and set(out.levels) == set(model.acam)
+    assert all(isinstance(x, ACAMOutput) and x.masks is None for x in out.levels.values())
+    # forward's losses are the student's plus each ACAM term summed over the levels (the
+    # student's own values differ between the calls: RetinaNet's loss normaliser is a running
+    # average, so they are compared within one output).
+    total = out.total_losses()
+    assert set(losses) == set(total) == set(out.student) | ACAM_KEYS
+    for name in ACAM_KEYS:
+        expected = sum(level.losses[name] for level in out.levels.values())
+        torch.testing.assert_close(losses[name], expected)
+        torch.testing.assert_close(total[name], expected)
+    assert all(torch.equal(total[name], value) for name, value in out.student.items())
+    # In eval the student's slot holds its predictions, and masks come back when asked for.
+    model.eval()
+    plain = [{k: v for k, v in x.items() if k != "instances"} for x in inputs]
+    with torch.no_grad():
+        evaluated = model.distill(plain, return_masks=True)
+    assert len(evaluated.student) == len(plain) and "instances" in evaluated.student[0]
+    assert all(level.masks is not None for level in evaluated.levels.values())
 
 
 def test_teacher_stays_in_eval_mode(distiller):

@@ -159,7 +159,7 @@ def test_stride_mismatch_is_resampled_to_logits_grid(grid, stride):
     batch = _batch()
     teacher_logits = model.teacher_features(batch, (H, W))["logits"]
     assert teacher_logits.shape == (2, NUM_CLASSES, H // 16, W // 16)
-    out = model.distill(batch, return_masks=True)["logits"]
+    out = model.distill(batch, return_masks=True).levels["logits"]
     assert out.masks["spatial"].shape == (2, NUM_CLASSES, H // stride, W // stride)
     # ACAM saw the teacher's logits bilinearly resampled to the chosen grid (or as they are).
     expected = F.interpolate(
@@ -248,9 +248,9 @@ def test_streets_pair_trains_a_step_at_its_own_crop():
     with EventStorage():
         out = model.distill(_batch(size=tuple(cfg.INPUT.CROP.SIZE)), return_masks=True)
     h, w = cfg.INPUT.CROP.SIZE
-    assert out["logits"].masks["spatial"].shape == (2, NUM_CLASSES, h // 8, w // 8)
-    assert all(torch.isfinite(v) for v in out["student_losses"].values())
-    assert all(torch.isfinite(v) for v in out["logits"].losses.values())
+    assert out.levels["logits"].masks["spatial"].shape == (2, NUM_CLASSES, h // 8, w // 8)
+    assert all(torch.isfinite(v) for v in out.student.values())
+    assert all(torch.isfinite(v) for v in out.levels["logits"].losses.values())
 
 
 # --- trainer and evaluator ----------------------------------------------------------------

@@ -10,13 +10,14 @@ from .backbone import (
     build_resnet_basic_deeplab_backbone,
 )
 from .heads import PSPHead
-from .meta_arch import FCOS, ACAMDistiller, RepPoints, build_student_cfg
+from .meta_arch import FCOS, ACAMDistiller, DistillOutput, RepPoints, build_student_cfg
 from .teacher import build_frozen_teacher, build_teacher_cfg
 
 __all__ = [
     "ACAMLevel",
     "ACAMOutput",
     "ACAMDistiller",
+    "DistillOutput",
     "FCOS",
     "MobileNetV2Backbone",
     "PSPHead",

@@ -2,7 +2,8 @@
 
 import contextlib
 import logging
-from typing import Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from ...checkpoint import TeacherWeights
 from ..acam import ACAMLevel, ACAMOutput
 from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
 
-__all__ = ["ACAMDistiller", "build_student_cfg"]
+__all__ = ["ACAMDistiller", "DistillOutput", "build_student_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,30 @@ _FEATURE_MODULE = {"fpn": "backbone", "sem_seg_logits": "sem_seg_head.predictor"
 # The teacher's submodules that run to compute it: their weights must load (TEACHER.STRICT).
 _TEACHER_PARTS_USED = {"fpn": ("backbone",), "sem_seg_logits": ("backbone", "sem_seg_head")}
 _LOGITS = "logits"
+
+
+@dataclass
+class DistillOutput:
+    """
+    What :meth:`ACAMDistiller.distill` returns.
+
+    Attributes:
+        student (Any): the student's own output: in training its dict[str, Tensor] of task
+            losses, in eval its predictions (detectron2's list of per-image dicts).
+        levels (dict[str, ACAMOutput]): distilled level name ("p3", ..., or "logits") -> the
+            level's ACAM losses, statistics and, if asked for, masks.
+    """
+
+    student: Any
+    levels: Dict[str, ACAMOutput]
+
+    def total_losses(self) -> Dict[str, Tensor]:
+        """The student's task losses plus each ACAM loss summed over the levels."""
+        losses = dict(self.student)
+        for out in self.levels.values():
+            for name, value in out.losses.items():
+                losses[name] = losses[name] + value if name in losses else value
+        return losses
 
 
 def build_student_cfg(cfg: CfgNode) -> CfgNode:
@@ -216,31 +241,28 @@ class ACAMDistiller(nn.Module):
         if not self.training:
             return self.student(batched_inputs)
         outputs = self.distill(batched_inputs)
-        losses = dict(outputs.pop("student_losses"))
-        for level, out in outputs.items():
-            for name, value in out.losses.items():
-                losses[name] = losses[name] + value if name in losses else value
-        self._log_stats(outputs)
-        return losses
+        self._log_stats(outputs.levels)
+        return outputs.total_losses()
 
     def distill(
         self, batched_inputs: List[Dict[str, object]], return_masks: bool = False
-    ) -> Dict[str, object]:
+    ) -> DistillOutput:
         """
-        Run the student (with its task losses) and the teacher, then ACAM on every level.
+        Run the student (in training with its task losses) and the teacher, then ACAM on
+        every level.
 
-        Returns:
-            dict: "student_losses" (dict[str, Tensor]) and one :class:`ACAMOutput` per level.
+        Args:
+            return_masks (bool): keep each level's masks and maps in its output.
         """
         feature_module = self.student.get_submodule(_FEATURE_MODULE[self.distill_target])
         with _capture_output(self.student.backbone) as images, _capture_output(
             feature_module
         ) as student_record:
-            student_losses = self.student(batched_inputs)
+            student_output = self.student(batched_inputs)
         padded_hw = tuple(images["input"].shape[-2:])
         student_features = self._as_dict(student_record["output"])
         teacher_features = self.teacher_features(batched_inputs, padded_hw)
-        outputs: Dict[str, object] = {"student_losses": student_losses}
+        levels: Dict[str, ACAMOutput] = {}
         for level, acam in self.acam.items():
             t, s = teacher_features[level], student_features[level]
             if self.distill_target == "sem_seg_logits":
@@ -252,11 +274,11 @@ class ACAMDistiller(nn.Module):
                     "backbones pad or stride differently; use the same FPN strides and "
                     "size divisibility for both."
                 )
-            outputs[level] = acam(t, s, return_masks=return_masks)
+            levels[level] = acam(t, s, return_masks=return_masks)
             # Logged with the mask statistics; they name the culprit when a loss is not finite.
-            outputs[level].stats["teacher_feature_absmax"] = t.detach().abs().amax()
-            outputs[level].stats["student_feature_absmax"] = s.detach().abs().amax()
-        return outputs
+            levels[level].stats["teacher_feature_absmax"] = t.detach().abs().amax()
+            levels[level].stats["student_feature_absmax"] = s.detach().abs().amax()
+        return DistillOutput(student=student_output, levels=levels)
 
     @torch.no_grad()
     def distill_features(self, batched_inputs: List[Dict[str, object]]) -> Dict[str, ACAMOutput]:
@@ -271,11 +293,9 @@ class ACAMDistiller(nn.Module):
         was_training = self.student.training
         self.student.eval()
         try:
-            outputs = self.distill(batched_inputs, return_masks=True)
+            return self.distill(batched_inputs, return_masks=True).levels
         finally:
             self.student.train(was_training)
-        outputs.pop("student_losses")  # here the student's predictions
-        return outputs
 
     def teacher_features(
         self, batched_inputs: List[Dict[str, object]], padded_hw: tuple
@@ -337,13 +357,12 @@ class ACAMDistiller(nn.Module):
     def _as_dict(features) -> Dict[str, Tensor]:
         return features if isinstance(features, dict) else {_LOGITS: features}
 
-    def _log_stats(self, outputs: Dict[str, object]) -> None:
+    def _log_stats(self, outputs: Dict[str, ACAMOutput]) -> None:
         storage = _current_storage()
         if storage is None:
             return
         scalars = {}
         for level, out in outputs.items():
-            assert isinstance(out, ACAMOutput)
             for name, value in out.stats.items():
                 scalars[f"acam/{level}/{name}"] = float(value)
             for name, value in out.losses.items():
