@@ -14,6 +14,8 @@ from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.meta_arch.fcos import FCOS as _FCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 
+from .dense_config import dense_detector_kwargs
+
 __all__ = ["FCOS", "build_fcos_resnet_fpn_backbone"]
 
 
@@ -41,15 +43,7 @@ class FCOS(_FCOS):
             "backbone": backbone,
             "head": head,
             "head_in_features": in_features,
-            "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
-            "focal_loss_alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
-            "test_score_thresh": cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
-            "test_topk_candidates": cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": cfg.MODEL.RETINANET.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
+            **dense_detector_kwargs(cfg),
         }
 
 

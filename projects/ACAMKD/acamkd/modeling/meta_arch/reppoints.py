@@ -43,6 +43,8 @@ from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from fvcore.nn import sigmoid_focal_loss_jit, smooth_l1_loss
 
+from .dense_config import dense_detector_kwargs
+
 __all__ = [
     "RepPoints",
     "RepPointsHead",
@@ -482,20 +484,12 @@ class RepPoints(DenseDetector):
                 cfg.MODEL.RETINANET.IOU_LABELS,
                 allow_low_quality_matches=True,
             ),
-            "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
             "point_base_scale": cfg.MODEL.REPPOINTS.POINT_BASE_SCALE,
             "point_pos_num": cfg.MODEL.REPPOINTS.POINT_POS_NUM,
             "smooth_l1_beta": cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
             "loss_init_weight": cfg.MODEL.REPPOINTS.LOSS_INIT_WEIGHT,
             "loss_refine_weight": cfg.MODEL.REPPOINTS.LOSS_REFINE_WEIGHT,
-            "focal_loss_alpha": cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
-            "test_score_thresh": cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
-            "test_topk_candidates": cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
-            "test_nms_thresh": cfg.MODEL.RETINANET.NMS_THRESH_TEST,
-            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
-            "pixel_std": cfg.MODEL.PIXEL_STD,
+            **dense_detector_kwargs(cfg),
         }
 
     def locations(self, features: List[Tensor]) -> Tuple[Tensor, Tensor]:
