@@ -221,6 +221,24 @@ def test_masked_losses_hand_computed():
     assert batch.item() == pytest.approx((6.5 / 3 + 4 * 6.5 / 3) / 2)
 
 
+def test_sum_sq_starts_at_twice_the_sum_loss():
+    # With masks near 0.5 (the default init), sum_k M^2 D^2 / sum_k M^2 is about twice
+    # sum_k M^2 D^2 / sum_k M: switching the normaliser doubles the effective LOSS_WEIGHT at the
+    # start of training (docs/METHOD.md, "What this project has measured").
+    teacher, student = _inputs(2, 8, 8, 6, 6)
+    losses = {}
+    for normalizer in ("sum", "sum_sq"):
+        torch.manual_seed(0)
+        level = ACAMLevel(teacher_channels=8, student_channels=8, normalizer=normalizer)
+        losses[normalizer] = level(teacher, student).losses
+    for name in ("loss_acam_channel", "loss_acam_spatial"):
+        ratio = (losses["sum_sq"][name] / losses["sum"][name]).item()
+        assert ratio == pytest.approx(2.0, rel=0.05)
+    torch.testing.assert_close(
+        losses["sum_sq"]["loss_acam_diversity"], losses["sum"]["loss_acam_diversity"]
+    )
+
+
 @pytest.mark.parametrize("normalizer", ["sum", "sum_sq"])
 @pytest.mark.parametrize("form", ["scalar", "per_channel"])
 def test_level_losses_match_literal_formulas(normalizer, form):

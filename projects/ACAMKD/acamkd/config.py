@@ -108,7 +108,9 @@ def add_acamkd_config(cfg: CN) -> None:
     _C.MODEL.ACAMKD.MASK_OBJECTIVE = "descend"
     # Normaliser of the masked losses: "sum_sq" (the mask's sum of squares: the loss does not
     # shrink with the masks' scale) or "sum" (its plain sum, as in MasKD; the literal reading,
-    # whose masks collapse). Chosen by the objective study, 3 seeds: see docs/METHOD.md.
+    # whose masks collapse). Chosen by the objective study, 3 seeds: see docs/METHOD.md. With
+    # masks near 0.5 (at the start) sum_sq's losses are twice sum's: the same LOSS_WEIGHT
+    # weighs twice as much (unclipped, halve it when moving a config tuned under sum).
     _C.MODEL.ACAMKD.NORMALIZER = "sum_sq"
     # Masks the Dice diversity loss acts on: "both" (spatial and channel) or "spatial".
     _C.MODEL.ACAMKD.DIVERSITY_TARGETS = "both"
