@@ -27,6 +27,7 @@ from detectron2.modeling.meta_arch.fcos import FCOS
 from acamkd import ACAMDistiller, DistillationCheckpointer, get_acamkd_cfg
 from acamkd.checkpoint import load_checkpoint, load_teacher_weights
 from acamkd.compare import METRICS, ModelSpec, compare_models
+from acamkd.engine.lazy_train import with_gradient_clipping
 from acamkd.lazy import build_acam_levels, build_lazy_teacher
 from acamkd.visualization import mask_figure_size
 
@@ -136,6 +137,47 @@ def test_yaml_and_lazy_twins_build_the_same_model(name, full_teacher):
     _random_teacher(lcfg, teacher_opts)
     from_lazy = instantiate(lcfg.model)
     assert_same_network(from_yaml, from_lazy)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Streets-Detection/retinanet_R_18_FPN_streets",
+        "Streets-Detection/reppoints_R_18_FPN_streets",
+        "Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets",
+        "Streets-Detection/acamkd_retinanet_R_18_from_R_18_wide_streets",
+    ],
+)
+def test_streets_twins_train_with_the_same_lr_and_gradient_clipping(name):
+    base = os.path.join(REPO, "configs", name)
+    ycfg = get_acamkd_cfg()
+    ycfg.merge_from_file(base + ".yaml")
+    lcfg = LazyConfig.load(base + ".py")
+    assert lcfg.optimizer.lr == ycfg.SOLVER.BASE_LR
+    assert lcfg.dataloader.train.total_batch_size == ycfg.SOLVER.IMS_PER_BATCH
+    yclip = ycfg.SOLVER.CLIP_GRADIENTS
+    assert yclip.ENABLED and dict(lcfg.train.clip_gradients) == {
+        "enabled": True,
+        "clip_type": yclip.CLIP_TYPE,
+        "clip_value": yclip.CLIP_VALUE,
+    }
+
+
+def test_lazy_gradient_clipping_clips_each_tensor_and_names_unknown_keys():
+    weights = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))]
+    optimizer = with_gradient_clipping(
+        torch.optim.SGD(weights, lr=1.0), {"enabled": True, "clip_type": "norm", "clip_value": 0.5}
+    )
+    weights[0].grad = torch.tensor([30.0, 40.0, 0.0])  # norm 50: scaled to 0.5
+    weights[1].grad = torch.tensor([0.3, 0.0])  # norm 0.3: kept
+    optimizer.step()
+    torch.testing.assert_close(weights[0].detach(), torch.tensor([-0.3, -0.4, 0.0]))
+    torch.testing.assert_close(weights[1].detach(), torch.tensor([-0.3, 0.0]))
+    plain = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert with_gradient_clipping(plain, None) is plain
+    assert type(with_gradient_clipping(plain, {"enabled": False})) is torch.optim.SGD
+    with pytest.raises(KeyError, match="train.clip_gradients.max_norm.*clip_value"):
+        with_gradient_clipping(plain, {"enabled": True, "max_norm": 1.0})
 
 
 def test_build_acam_levels_per_level_channels_and_errors():

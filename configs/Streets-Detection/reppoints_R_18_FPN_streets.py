@@ -2,9 +2,8 @@
 RepPoints R-18-FPN on the generated street scenes, the LazyConfig twin of
 reppoints_R_18_FPN_streets.yaml: the data, optimizer, schedule and seed of the RetinaNet
 student baseline retinanet_R_18_FPN_streets.py (320x160 images, 5 classes, from scratch on the
-CPU, BatchNorm in the ResNet, a 64-wide FPN) with RepPoints' GroupNorm FPN and head. As for that
-baseline, the LazyConfig training loop has no gradient clipping, so the learning rate is 0.01
-(the YAML twin clips per tensor and uses 0.03).
+CPU, BatchNorm in the ResNet, a 64-wide FPN, lr 0.03 with per-tensor gradient clipping) with
+RepPoints' GroupNorm FPN and head.
 """
 
 from detectron2.config import LazyCall as L

@@ -11,18 +11,21 @@ evaluator}``, ``optimizer``, ``lr_multiplier`` and ``train`` (``output_dir``,
 ``init_checkpoint``, ``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``,
 ``log_period``, ``device``), as in detectron2's ``configs/common/train.py``, plus this
 project's optional ``train.vis_period`` (the YAML ``VIS_PERIOD``: iterations between mask
-figures; 0 or absent: none).
+figures; 0 or absent: none) and ``train.clip_gradients`` (the YAML ``SOLVER.CLIP_GRADIENTS``
+with lower-case keys, e.g. ``dict(enabled=True, clip_type="norm", clip_value=1.0)``; absent:
+no clipping, as in detectron2's LazyConfig loop).
 """
 
 import logging
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -37,7 +40,7 @@ from .common import (
 from .nonfinite import LAZY_CURES
 from .trainer import create_ddp_model
 
-__all__ = ["is_lazy_config", "setup_lazy", "do_test", "do_train", "main"]
+__all__ = ["is_lazy_config", "setup_lazy", "with_gradient_clipping", "do_test", "do_train", "main"]
 
 logger = logging.getLogger("acamkd")
 
@@ -133,6 +136,32 @@ def do_test(cfg: DictConfig, model: torch.nn.Module) -> Optional[Dict]:
     return ret
 
 
+def with_gradient_clipping(
+    optimizer: torch.optim.Optimizer, clip: Optional[Mapping]
+) -> torch.optim.Optimizer:
+    """
+    ``train.clip_gradients`` applied with detectron2's ``maybe_add_gradient_clipping``, so
+    that a LazyConfig run clips exactly as a YAML run with the same ``SOLVER.CLIP_GRADIENTS``.
+
+    Args:
+        optimizer (Optimizer): the instantiated optimizer.
+        clip (Mapping or None): lower-case ``SOLVER.CLIP_GRADIENTS`` keys (enabled, clip_type,
+            clip_value, norm_type); the missing ones take detectron2's defaults.
+
+    Returns:
+        Optimizer: ``optimizer``, clipping its gradients at each step when enabled.
+    """
+    if not clip:
+        return optimizer
+    node = get_cfg().SOLVER.CLIP_GRADIENTS
+    for key, value in clip.items():
+        if key.upper() not in node:
+            known = ", ".join(sorted(k.lower() for k in node))
+            raise KeyError(f"train.clip_gradients.{key}: no such key (known: {known})")
+        node[key.upper()] = value
+    return maybe_add_gradient_clipping(CfgNode({"SOLVER": {"CLIP_GRADIENTS": node}}), optimizer)
+
+
 def do_train(cfg: DictConfig, resume: bool = False) -> None:
     """
     Train ``cfg.model`` with ``SimpleTrainer`` (or ``AMPTrainer``) and detectron2's hooks:
@@ -152,7 +181,9 @@ def do_train(cfg: DictConfig, resume: bool = False) -> None:
     model.to(cfg.train.device)
 
     cfg.optimizer.params.model = model
-    optim = instantiate(cfg.optimizer)
+    optim = with_gradient_clipping(
+        instantiate(cfg.optimizer), OmegaConf.select(cfg, "train.clip_gradients", default=None)
+    )
     train_loader = _build_train_loader(cfg)
     names = _dataset_names(cfg, "train")
     if names is not None:  # loaded by now, so their metadata has their classes
