@@ -4,11 +4,12 @@ comparing runs: per label the mean over its runs (e.g. seeds) with the min-max b
 ``import acamkd`` does not import this module (it needs matplotlib).
 """
 
-import json
 import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from .stages import read_metrics
 
 __all__ = ["read_metric", "mean_curve", "plot_curves"]
 
@@ -33,15 +34,10 @@ def read_metric(run_dir: str, key: str) -> Tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"{path}: no such file; pass a run's OUTPUT_DIR")
     values: Dict[int, float] = {}
     seen = set()
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            seen.update(record)
-            if key in record and "iteration" in record:
-                values[int(record["iteration"])] = float(record[key])
+    for record in read_metrics(run_dir):
+        seen.update(record)
+        if key in record and "iteration" in record:
+            values[int(record["iteration"])] = float(record[key])
     if not values:
         known = ", ".join(sorted(k for k in seen if "/" not in k)[:20])
         raise KeyError(f"{path} has no {key!r}; top-level keys include: {known}")
