@@ -195,6 +195,35 @@ def test_stage_is_finished_only_when_readable_and_trained_as_asked(tmp_path, mon
     assert longer.run(root) and len(calls) == 3 and longer.is_finished(root)
 
 
+def test_stage_retrains_when_its_config_resolves_differently(tmp_path, monkeypatch):
+    import acamkd.stages as stages
+
+    monkeypatch.setattr(
+        stages.subprocess,
+        "run",
+        lambda cmd, check, cwd: torch.save(
+            {"model": {}}, os.path.join(cmd[cmd.index("OUTPUT_DIR") + 1], "model_final.pth")
+        ),
+    )
+    root = str(tmp_path / "runs")
+    config = tmp_path / "student.yaml"
+    config.write_text(f'_BASE_: "{REPO}/{DET}/retinanet_R_18_FPN_streets.yaml"\nSEED: 3\n')
+    stage = stages.Stage("s", str(config), ["SOLVER.MAX_ITER", "4"])
+    assert stage.run(root) and stage.is_finished(root)
+    # The same file name and overrides, but the file now resolves to another config.
+    config.write_text(f'_BASE_: "{REPO}/{DET}/retinanet_R_18_FPN_streets.yaml"\nSEED: 4\n')
+    assert not stage.is_finished(root)
+    # A record from before the digest existed is judged by the file name and overrides alone.
+    record = tmp_path / "runs" / "s" / "stage.json"
+    record.write_text(json.dumps({"config": str(config), "opts": ["SOLVER.MAX_ITER", "4"]}))
+    assert stage.is_finished(root)
+    # The digest follows what train_net.py would build: defaults, file, overrides.
+    digest = stages.resolved_config_digest
+    assert digest(str(config), []) != digest(str(config), ["SOLVER.MAX_ITER", "4"])
+    py = f"{DET}/retinanet_R_18_FPN_streets.py"
+    assert digest(py, []) == digest(py, []) != digest(py, ["train.max_iter=4"])
+
+
 def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monkeypatch):
     import acamkd.stages as stages
 

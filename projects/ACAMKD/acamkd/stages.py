@@ -2,11 +2,14 @@
 One training run as a resumable stage: a ``train_net.py`` command in its own folder.
 
 The demo and the study are sequences of stages. A stage counts as finished only when its
-final checkpoint is readable and was trained with the requested command (recorded in
-``stage.json`` before training starts); a stage whose command changed is retrained from
-scratch, and an interrupted one resumes from its last checkpoint (``--resume``).
+final checkpoint is readable and was trained with the requested command and the same resolved
+config (both recorded in ``stage.json`` before training starts: the config file, the overrides
+and a digest of the config they resolve to, so that an edited config file or a changed default
+also counts as a change); a stage that changed is retrained from scratch, and an interrupted
+one resumes from its last checkpoint (``--resume``).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -20,12 +23,39 @@ from typing import Dict, List, Optional, Sequence
 from .checkpoint import is_readable_checkpoint
 from .config import REPO_ROOT
 
-__all__ = ["Stage", "REPO_ROOT", "final_metrics", "read_metrics"]
+__all__ = ["Stage", "REPO_ROOT", "final_metrics", "read_metrics", "resolved_config_digest"]
 
 logger = logging.getLogger(__name__)
 
 _RECORD = "stage.json"
 _FINAL = "model_final.pth"
+
+
+def resolved_config_digest(config: str, opts: Sequence[str]) -> str:
+    """
+    SHA-256 of the config that ``train_net.py`` builds from ``config`` and ``opts``: for a
+    YAML, this package's defaults merged with the file (and its ``_BASE_`` files) and the
+    overrides; for a ``.py``, the loaded file with the overrides applied.
+
+    Args:
+        config (str): the config file, absolute or relative to the repository.
+        opts (list[str]): its overrides, in the config's own syntax.
+    """
+    path = os.path.join(REPO_ROOT, config)
+    if path.endswith(".py"):
+        from omegaconf import OmegaConf
+
+        from detectron2.config import LazyConfig
+
+        text = OmegaConf.to_yaml(LazyConfig.apply_overrides(LazyConfig.load(path), list(opts)))
+    else:
+        from .config import get_acamkd_cfg
+
+        cfg = get_acamkd_cfg()
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(list(opts))
+        text = cfg.dump()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -67,16 +97,30 @@ class Stage:
         ]
 
     def _record(self) -> Dict[str, object]:
-        return {"config": self.config, "opts": list(self.opts)}
+        return {
+            "config": self.config,
+            "opts": list(self.opts),
+            "resolved_sha256": resolved_config_digest(self.config, self.opts),
+        }
+
+    def _matches(self, previous: Dict[str, object]) -> bool:
+        """
+        Whether a run recorded as ``previous`` was trained as this stage asks. A record
+        written before the digest existed is compared on the config file and overrides.
+        """
+        current = self._record()
+        if "resolved_sha256" not in previous:
+            current.pop("resolved_sha256")
+        return previous == current
 
     def is_finished(self, root: str) -> bool:
-        """The final checkpoint is readable and was trained with this stage's command."""
+        """The final checkpoint is readable and was trained as this stage asks."""
         out = self.output_dir(root)
         record = os.path.join(out, _RECORD)
         if not (os.path.isfile(record) and os.path.isfile(os.path.join(out, _FINAL))):
             return False
         with open(record) as f:
-            if json.load(f) != self._record():
+            if not self._matches(json.load(f)):
                 return False
         return is_readable_checkpoint(os.path.join(out, _FINAL))
 
@@ -95,9 +139,10 @@ class Stage:
         if os.path.isfile(record):
             with open(record) as f:
                 previous = json.load(f)
-            if previous != self._record():
+            if not self._matches(previous):
                 logger.warning(
-                    "[%s] %s was trained with %s; now asked for %s: retraining from scratch",
+                    "[%s] %s was trained with %s; now asked for %s (a changed digest: the "
+                    "config file or a default changed): retraining from scratch",
                     self.name,
                     out,
                     previous,
