@@ -103,50 +103,56 @@ class Stage:
             "resolved_sha256": resolved_config_digest(self.config, self.opts),
         }
 
-    def _matches(self, previous: Dict[str, object]) -> bool:
+    @staticmethod
+    def _matches(previous: Dict[str, object], current: Dict[str, object]) -> bool:
         """
-        Whether a run recorded as ``previous`` was trained as this stage asks. A record
-        written before the digest existed is compared on the config file and overrides.
+        Whether a run recorded as ``previous`` was trained as ``current`` (this stage's
+        :meth:`_record`) asks. A record written before the digest existed is compared on the
+        config file and overrides.
         """
-        current = self._record()
         if "resolved_sha256" not in previous:
-            current.pop("resolved_sha256")
+            current = {k: v for k, v in current.items() if k != "resolved_sha256"}
         return previous == current
 
     def is_finished(self, root: str) -> bool:
         """The final checkpoint is readable and was trained as this stage asks."""
+        return self._is_finished(root, self._record())
+
+    def _is_finished(self, root: str, current: Dict[str, object]) -> bool:
         out = self.output_dir(root)
         record = os.path.join(out, _RECORD)
         if not (os.path.isfile(record) and os.path.isfile(os.path.join(out, _FINAL))):
             return False
         with open(record) as f:
-            if not self._matches(json.load(f)):
+            if not self._matches(json.load(f), current):
                 return False
         return is_readable_checkpoint(os.path.join(out, _FINAL))
 
     def run(self, root: str) -> bool:
         """
-        Train unless finished; a folder trained with another command is emptied first.
+        Train unless finished; a folder trained with another command or config is emptied
+        first.
 
         Returns:
             bool: True if it trained (or resumed), False if it was already finished.
         """
         out = self.output_dir(root)
-        if self.is_finished(root):
+        current = self._record()  # resolves the config once for the checks and the record
+        if self._is_finished(root, current):
             logger.info("[%s] already trained in %s: skipped", self.name, out)
             return False
         record = os.path.join(out, _RECORD)
         if os.path.isfile(record):
             with open(record) as f:
                 previous = json.load(f)
-            if not self._matches(previous):
+            if not self._matches(previous, current):
                 logger.warning(
-                    "[%s] %s was trained with %s; now asked for %s (a changed digest: the "
-                    "config file or a default changed): retraining from scratch",
+                    "[%s] %s was trained with %s; now asked for %s (config file, overrides or "
+                    "the config they resolve to differ): retraining from scratch",
                     self.name,
                     out,
                     previous,
-                    self._record(),
+                    current,
                 )
                 shutil.rmtree(out)
         elif os.path.isfile(os.path.join(out, _FINAL)):
@@ -156,7 +162,7 @@ class Stage:
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
         with open(record, "w") as f:
-            json.dump(self._record(), f, indent=1)
+            json.dump(current, f, indent=1)
         cmd = self.command(root)
         logger.info("[%s] %s", self.name, shlex.join(cmd))
         subprocess.run(cmd, check=True, cwd=REPO_ROOT)
