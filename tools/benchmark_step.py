@@ -3,15 +3,16 @@
 Time a distillation step against its floor (the student's training step plus the teacher's
 forward) for a YAML config, image size and batch, in one process with interleaved rounds, with
 random weights and synthetic images and boxes; break ACAM's part down per level (forward and
-backward); print the ratio distill / floor and the peak memory growth; write JSON.
-See ``acamkd.benchmark``.
+backward); print the ratio distill / floor and the peak memory growth; write JSON (one entry
+per implementation). See ``acamkd.benchmark``.
 
 Usage:
     python tools/benchmark_step.py \\
         --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets.yaml \\
-        --batch 8 --height 160 --width 320 --threads 2 --impl after \\
-        --output output/benchmark_step/streets_after.json
-    # the implementation before issue 16 (SDPA heads, teacher under no_grad): --impl before
+        --batch 8 --height 160 --width 320 --threads 2 --impl before after \\
+        --output output/benchmark_step/streets.json
+    # --impl before after: this code and the one before issue 16 (SDPA heads, teacher under
+    # no_grad), interleaved in one process on one model; --impl after (default): this code only
     # on a GPU: --device cuda [--amp fp16|bf16]
 """
 import argparse
@@ -32,9 +33,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--impl",
+        nargs="+",
         choices=IMPLS,
-        default="after",
-        help="after: this code; " "before: STCA-FF via SDPA heads and the teacher under no_grad",
+        default=["after"],
+        help="after: this code; before: STCA-FF via SDPA heads and the teacher under no_grad; "
+        "several are interleaved in one process",
     )
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
@@ -55,7 +58,7 @@ def main() -> None:
         height=args.height,
         width=args.width,
         device=args.device,
-        impl=args.impl,
+        impls=args.impl,
         rounds=args.rounds,
         repeats=args.repeats,
         warmup=args.warmup,
@@ -64,7 +67,14 @@ def main() -> None:
         seed=args.seed,
         levels=not args.no_levels,
     )
-    print(format_report(result))
+    print("\n\n".join(format_report(r) for r in result.values()))
+    if {"before", "after"} <= set(result):
+        before, after = result["before"], result["after"]
+        print(
+            f"after / before, same process: distill step "
+            f"{after['median_s']['distill_step'] / before['median_s']['distill_step']:.3f}, "
+            f"ACAM overhead {after['acam_overhead_s']:.3f} s vs {before['acam_overhead_s']:.3f} s"
+        )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

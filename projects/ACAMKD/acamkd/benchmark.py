@@ -21,10 +21,13 @@ Peak memory is the growth over the memory in use once the model and the batch ex
 thread (``/proc/self/statm``), which the allocator's caching of freed memory may understate
 for the parts measured after a larger one.
 
-``impl="before"`` measures the implementation this project had before issue 16: STCA-FF through
-the fused SDPA kernels with the value split into heads (``MODEL.ACAMKD.ATTENTION sdpa``) and the
-teacher under ``torch.no_grad`` instead of ``torch.inference_mode``. Both in one idle window
-give the before and after of one change.
+``"before"`` is the implementation this project had before issue 16: STCA-FF through the fused
+SDPA kernels with the value split into heads (``MODEL.ACAMKD.ATTENTION sdpa``) and the teacher
+under ``torch.no_grad`` instead of ``torch.inference_mode``; ``"after"`` is the code as it is.
+Given both, one model runs both, switched in place, and every round times the shared student
+step once and each implementation's teacher forward, distillation step and levels in turn: the
+machine's speed, which varies between processes on a shared virtual machine, is then the same
+for both.
 """
 
 import contextlib
@@ -55,9 +58,7 @@ IMPLS = ("after", "before")
 PARTS = ("student_step", "teacher_forward", "distill_step")
 
 
-def build_benchmark_cfg(
-    config_file: str, opts: Sequence[str] = (), device: str = "cpu", impl: str = "after"
-) -> CfgNode:
+def build_benchmark_cfg(config_file: str, opts: Sequence[str] = (), device: str = "cpu") -> CfgNode:
     """
     The distiller config of ``config_file`` with random weights on ``device``.
 
@@ -65,22 +66,16 @@ def build_benchmark_cfg(
         config_file (str): a distillation YAML config (``MODEL.META_ARCHITECTURE ACAMDistiller``).
         opts (list[str]): KEY VALUE overrides, applied last.
         device (str): "cpu" or "cuda".
-        impl (str): "after" (the config as it is) or "before" (``MODEL.ACAMKD.ATTENTION sdpa``;
-            the teacher's ``no_grad`` forward is set up by :func:`benchmark_step`).
 
     Returns:
         CfgNode: frozen.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     cfg = get_acamkd_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(
         ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "MODEL.ACAMKD.TEACHER.WEIGHTS", ""]
         + ["MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT", "True"]
     )
-    if impl == "before":
-        cfg.merge_from_list(["MODEL.ACAMKD.ATTENTION", "sdpa"])
     cfg.merge_from_list(list(opts))
     if cfg.MODEL.META_ARCHITECTURE != "ACAMDistiller":
         raise ValueError(
@@ -158,6 +153,25 @@ def _teacher_features_no_grad(
         with _capture_output(self.teacher.sem_seg_head.predictor) as record:
             self.teacher.sem_seg_head(self.teacher.backbone(images))
         return self._as_dict(record["output"])
+
+
+@contextlib.contextmanager
+def _implementation(model: ACAMDistiller, impl: str) -> Iterator[None]:
+    """Run ``model`` as ``impl`` ("after": as built; "before": see the module docstring)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    fusions = [m.fusion for m in model.acam.values() if m.fusion is not None]
+    attentions = [f.attention for f in fusions]
+    if impl == "before":
+        for fusion in fusions:
+            fusion.attention = "sdpa"
+        model.teacher_features = types.MethodType(_teacher_features_no_grad, model)
+    try:
+        yield
+    finally:
+        for fusion, attention in zip(fusions, attentions):
+            fusion.attention = attention
+        model.__dict__.pop("teacher_features", None)
 
 
 class _PeakMemory:
@@ -238,7 +252,7 @@ def benchmark_step(
     height: int = 640,
     width: int = 640,
     device: str = "cpu",
-    impl: str = "after",
+    impls: Sequence[str] = ("after",),
     rounds: int = 2,
     repeats: int = 2,
     warmup: int = 1,
@@ -246,17 +260,18 @@ def benchmark_step(
     opts: Sequence[str] = (),
     seed: int = 0,
     levels: bool = True,
-) -> Dict[str, object]:
+) -> Dict[str, Dict[str, object]]:
     """
     Time a distillation step against its floor (the student's step plus the teacher's forward)
-    and break ACAM's part down per level.
+    and break ACAM's part down per level, for one or several implementations interleaved.
 
     Args:
         config_file (str): distillation YAML config.
         batch (int): images per step.
         height, width (int): image size (padded by the model to its size divisibility).
         device (str): "cpu" or "cuda".
-        impl (str): "after" (this implementation) or "before" (see the module docstring).
+        impls (list[str]): among "after" (this implementation) and "before" (see the module
+            docstring), timed in turn within every round.
         rounds (int): interleaved rounds; each runs every part ``repeats`` times.
         repeats (int): timed runs of each part per round.
         warmup (int): untimed runs of each part before the first round.
@@ -266,141 +281,62 @@ def benchmark_step(
         levels (bool): also time ACAM per level.
 
     Returns:
-        dict: the settings, per part the times (s) and their median, ``floor_s``,
-        ``ratio`` (distill_step / floor), ``acam_overhead_s``, per level the grid and the
-        median forward and backward times, per part the peak memory growth (MB), the losses
-        of the last distillation step, and the environment (torch, device, threads, load).
+        dict: per implementation, a dict with the settings, per part the times (s) and their
+        median (the student step's are shared), ``floor_s``, ``ratio`` (distill_step / floor),
+        ``acam_overhead_s``, per level the grid and the median forward and backward times, per
+        part the peak memory growth (MB), the losses of the last distillation step, and the
+        environment (torch, device, threads, load).
     """
     if amp not in ("none", "fp16", "bf16"):
         raise ValueError(f"amp must be 'none', 'fp16' or 'bf16', got {amp!r}")
+    impls = list(dict.fromkeys(impls))
+    if not impls or any(impl not in IMPLS for impl in impls):
+        raise ValueError(f"impls must be among {IMPLS}, got {impls}")
+    torch.manual_seed(seed)
+    cfg = build_benchmark_cfg(config_file, opts, device)
+    dev = torch.device(device)
     # The detectors and the distiller log to detectron2's event storage, as under a trainer.
     with EventStorage(0):
-        return _benchmark_step(
-            config_file,
-            batch,
-            height,
-            width,
-            device,
-            impl,
-            rounds,
-            repeats,
-            warmup,
-            amp,
-            opts,
-            seed,
-            levels,
-        )
-
-
-def _benchmark_step(
-    config_file: str,
-    batch: int,
-    height: int,
-    width: int,
-    device: str,
-    impl: str,
-    rounds: int,
-    repeats: int,
-    warmup: int,
-    amp: str,
-    opts: Sequence[str],
-    seed: int,
-    levels: bool,
-) -> Dict[str, object]:
-    torch.manual_seed(seed)
-    cfg = build_benchmark_cfg(config_file, opts, device, impl)
-    dev = torch.device(device)
-    model = build_model(cfg)
-    model.train()
-    if impl == "before":
-        model.teacher_features = types.MethodType(_teacher_features_no_grad, model)
-    inputs = synthetic_batch(cfg, batch, height, width, seed=seed, device=device)
-
-    student_params = [p for p in model.student.parameters() if p.requires_grad]
-    distill_params = [p for p in model.parameters() if p.requires_grad]
-    student_opt = torch.optim.SGD(student_params, lr=0.0, momentum=0.9)
-    distill_opt = torch.optim.SGD(distill_params, lr=0.0, momentum=0.9)
-    last_losses: Dict[str, float] = {}
-
-    def student_step() -> None:
-        student_opt.zero_grad(set_to_none=True)
-        with _autocast(dev, amp):
-            losses = model.student(inputs)
-        sum(losses.values()).backward()
-        student_opt.step()
-
-    padded_hw, level_inputs = _probe(model, inputs, levels)
-
-    def teacher_forward() -> None:
-        with _autocast(dev, amp):
-            model.teacher_features(inputs, padded_hw)
-
-    def distill_step() -> None:
-        distill_opt.zero_grad(set_to_none=True)
-        with _autocast(dev, amp):
-            losses = model(inputs)
-        sum(losses.values()).backward()
-        distill_opt.step()
-        last_losses.clear()
-        last_losses.update({k: float(v.detach()) for k, v in losses.items()})
-
-    level_fns = {
-        name: _level_runner(model.acam[name], t, s, dev, amp)
-        for name, (t, s) in level_inputs.items()
-    }
-
-    parts: Dict[str, Callable[[], None]] = {
-        "student_step": student_step,
-        "teacher_forward": teacher_forward,
-        "distill_step": distill_step,
-    }
-    for fn in parts.values():
-        for _ in range(warmup):
-            fn()
-    for run in level_fns.values():
-        for _ in range(warmup):
-            run()
-    _sync(dev)
-
-    baseline = _PeakMemory.current_mb(dev)
-    memory = _PeakMemory(dev, baseline)
-    times: Dict[str, List[float]] = {name: [] for name in parts}
-    peaks: Dict[str, float] = {name: -math.inf for name in parts}
-    level_times: Dict[str, Dict[str, List[float]]] = {
-        name: {"forward": [], "backward": []} for name in level_fns
-    }
-    for _ in range(rounds):
-        for name, fn in parts.items():
-            for _ in range(repeats):
-                with memory.measure() as mem:
-                    times[name].append(_timed(fn, dev))
-                peaks[name] = max(peaks[name], mem["growth_mb"])
-        for name, run in level_fns.items():
-            for _ in range(repeats):
-                fwd, bwd = run()
-                level_times[name]["forward"].append(fwd)
-                level_times[name]["backward"].append(bwd)
-
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
-    floor = medians["student_step"] + medians["teacher_forward"]
-    level_report = {}
-    for name, (t, _) in level_inputs.items():
-        fwd = statistics.median(level_times[name]["forward"])
-        bwd = statistics.median(level_times[name]["backward"])
-        level_report[name] = {
-            "shape": list(t.shape),
-            "N": int(t.shape[-2] * t.shape[-1]),
-            "forward_s": fwd,
-            "backward_s": bwd,
-            "total_s": fwd + bwd,
+        model = build_model(cfg)
+        model.train()
+        inputs = synthetic_batch(cfg, batch, height, width, seed=seed, device=device)
+        padded_hw, level_inputs = _probe(model, inputs, levels)
+        steps = _Steps(model, inputs, padded_hw, dev, amp)
+        level_fns = {
+            name: _level_runner(model.acam[name], t, s, dev, amp)
+            for name, (t, s) in level_inputs.items()
         }
-    fusion = next((m.fusion for m in model.acam.values() if m.fusion is not None), None)
-    return {
+        runs = {impl: _ImplRuns(impl, list(level_fns)) for impl in impls}
+        for _ in range(warmup):
+            steps.student_step()
+            for impl in impls:
+                with _implementation(model, impl):
+                    steps.teacher_forward()
+                    steps.distill_step()
+                    for run in level_fns.values():
+                        run()
+        _sync(dev)
+
+        memory = _PeakMemory(dev, _PeakMemory.current_mb(dev))
+        student = runs[impls[0]]
+        for _ in range(rounds):
+            student.time("student_step", steps.student_step, repeats, memory, dev)
+            for impl in impls:
+                with _implementation(model, impl):
+                    runs[impl].time("teacher_forward", steps.teacher_forward, repeats, memory, dev)
+                    runs[impl].time("distill_step", steps.distill_step, repeats, memory, dev)
+                    runs[impl].losses = dict(steps.last_losses)
+                    for name, run in level_fns.items():
+                        for _ in range(repeats):
+                            runs[impl].add_level(name, *run())
+                    runs[impl].attention = _attention_impl(model, dev)
+        for impl in impls[1:]:  # one student step, shared
+            runs[impl].times["student_step"] = student.times["student_step"]
+            runs[impl].peaks["student_step"] = student.peaks["student_step"]
+
+    settings = {
         "config": config_file,
         "opts": list(opts),
-        "impl": impl,
-        "attention": fusion.attention_impl(dev) if fusion is not None else None,
-        "teacher_mode": "no_grad" if impl == "before" else "inference_mode",
         "amp": amp,
         "device": str(dev),
         "device_name": (
@@ -412,28 +348,124 @@ def _benchmark_step(
         "height": height,
         "width": width,
         "padded_hw": list(padded_hw),
+        "interleaved_with": impls,
         "rounds": rounds,
         "repeats": repeats,
         "warmup": warmup,
         "seed": seed,
-        "times_s": times,
-        "median_s": medians,
-        "floor_s": floor,
-        "ratio": medians["distill_step"] / floor,
-        "acam_overhead_s": medians["distill_step"] - floor,
-        "levels": level_report,
-        "levels_total_s": sum(r["total_s"] for r in level_report.values()),
-        "memory_baseline_mb": baseline,
-        "peak_memory_growth_mb": peaks,
+        "memory_baseline_mb": memory.baseline_mb,
         "memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "sampled RSS",
-        "losses": last_losses,
-        "losses_finite": all(math.isfinite(v) for v in last_losses.values()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         # The machine may be shared: the load at the end of the run, for context.
         "loadavg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+    return {impl: {**settings, **runs[impl].summary(level_inputs)} for impl in impls}
+
+
+class _Steps:
+    """The timed parts of a step on one model and batch; SGD with learning rate 0."""
+
+    def __init__(
+        self,
+        model: ACAMDistiller,
+        inputs: List[Dict[str, object]],
+        padded_hw: tuple,
+        device: torch.device,
+        amp: str,
+    ) -> None:
+        self.model, self.inputs, self.padded_hw = model, inputs, padded_hw
+        self.device, self.amp = device, amp
+        student_params = [p for p in model.student.parameters() if p.requires_grad]
+        distill_params = [p for p in model.parameters() if p.requires_grad]
+        self.student_opt = torch.optim.SGD(student_params, lr=0.0, momentum=0.9)
+        self.distill_opt = torch.optim.SGD(distill_params, lr=0.0, momentum=0.9)
+        self.last_losses: Dict[str, float] = {}
+
+    def student_step(self) -> None:
+        self.student_opt.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.amp):
+            losses = self.model.student(self.inputs)
+        sum(losses.values()).backward()
+        self.student_opt.step()
+
+    def teacher_forward(self) -> None:
+        with _autocast(self.device, self.amp):
+            self.model.teacher_features(self.inputs, self.padded_hw)
+
+    def distill_step(self) -> None:
+        self.distill_opt.zero_grad(set_to_none=True)
+        with _autocast(self.device, self.amp):
+            losses = self.model(self.inputs)
+        sum(losses.values()).backward()
+        self.distill_opt.step()
+        self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+
+
+class _ImplRuns:
+    """The times, peak memory and last losses measured for one implementation."""
+
+    def __init__(self, impl: str, level_names: List[str]) -> None:
+        self.impl = impl
+        self.times: Dict[str, List[float]] = {name: [] for name in PARTS}
+        self.peaks: Dict[str, float] = {name: -math.inf for name in PARTS}
+        self.levels = {name: {"forward": [], "backward": []} for name in level_names}
+        self.losses: Dict[str, float] = {}
+        self.attention = None
+
+    def time(
+        self,
+        part: str,
+        fn: Callable[[], None],
+        repeats: int,
+        memory: "_PeakMemory",
+        device: torch.device,
+    ) -> None:
+        for _ in range(repeats):
+            with memory.measure() as mem:
+                self.times[part].append(_timed(fn, device))
+            self.peaks[part] = max(self.peaks[part], mem["growth_mb"])
+
+    def add_level(self, name: str, forward_s: float, backward_s: float) -> None:
+        self.levels[name]["forward"].append(forward_s)
+        self.levels[name]["backward"].append(backward_s)
+
+    def summary(self, level_inputs: Dict[str, tuple]) -> Dict[str, object]:
+        medians = {name: statistics.median(ts) for name, ts in self.times.items()}
+        floor = medians["student_step"] + medians["teacher_forward"]
+        levels = {}
+        for name, (t, _) in level_inputs.items():
+            fwd = statistics.median(self.levels[name]["forward"])
+            bwd = statistics.median(self.levels[name]["backward"])
+            levels[name] = {
+                "shape": list(t.shape),
+                "N": int(t.shape[-2] * t.shape[-1]),
+                "forward_s": fwd,
+                "backward_s": bwd,
+                "total_s": fwd + bwd,
+            }
+        return {
+            "impl": self.impl,
+            "attention": self.attention,
+            "teacher_mode": "no_grad" if self.impl == "before" else "inference_mode",
+            "times_s": self.times,
+            "median_s": medians,
+            "floor_s": floor,
+            "ratio": medians["distill_step"] / floor,
+            "acam_overhead_s": medians["distill_step"] - floor,
+            "levels": levels,
+            "levels_total_s": sum(r["total_s"] for r in levels.values()),
+            "peak_memory_growth_mb": self.peaks,
+            "losses": self.losses,
+            "losses_finite": all(math.isfinite(v) for v in self.losses.values()),
+        }
+
+
+def _attention_impl(model: ACAMDistiller, device: torch.device):
+    """STCA-FF's attention path on ``device`` ("chunked", "sdpa"), None without STCA-FF."""
+    fusion = next((m.fusion for m in model.acam.values() if m.fusion is not None), None)
+    return fusion.attention_impl(device) if fusion is not None else None
 
 
 def _probe(

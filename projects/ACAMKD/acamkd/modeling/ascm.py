@@ -66,11 +66,34 @@ class AdaptiveSpatialChannelMasks(nn.Module):
             spatial_masks (Tensor or None): (B, M, H, W), values in (0, 1).
             channel_masks (Tensor or None): (B, M, C), values in (0, 1).
         """
+        logits = pooled = None
+        if self.spatial_units is not None:
+            logits = torch.einsum("mc,bchw->bmhw", self.spatial_units, fused)
+        if self.channel_units is not None:
+            pooled = fused.mean(dim=(2, 3))
+        return self.masks(logits, pooled)
+
+    def masks(
+        self, spatial_logits: Optional[Tensor], pooled: Optional[Tensor]
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """
+        The masks from all that :meth:`forward` reads of F, which
+        :meth:`~acamkd.modeling.stca_ff.STCAFusion.project` gives without forming F.
+
+        Args:
+            spatial_logits (Tensor or None): (B, M, H, W), ``m_s`` applied to F at every
+                position; None without spatial masks.
+            pooled (Tensor or None): (B, C), F averaged over H and W; None without channel
+                masks.
+
+        Returns:
+            spatial_masks (Tensor or None): (B, M, H, W), values in (0, 1).
+            channel_masks (Tensor or None): (B, M, C), values in (0, 1).
+        """
         spatial_masks = channel_masks = None
         if self.spatial_units is not None:
-            spatial_masks = torch.sigmoid(torch.einsum("mc,bchw->bmhw", self.spatial_units, fused))
+            spatial_masks = torch.sigmoid(spatial_logits)
         if self.channel_units is not None:
-            pooled = fused.mean(dim=(2, 3))  # (B, C)
             # Scalar form: (M, 1) * (B, 1, C) is the outer product m_c v^T per image;
             # per-channel form: (M, C) * (B, 1, C) is elementwise. One broadcast serves both.
             channel_masks = torch.sigmoid(self.channel_units * pooled.unsqueeze(1))

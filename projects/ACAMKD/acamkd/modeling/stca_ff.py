@@ -1,13 +1,18 @@
 """STCA-FF: student-teacher cross-attention feature fusion (docs/METHOD.md, "STCA-FF")."""
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ATTENTION_IMPLS", "STCAFusion", "chunked_attention"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "STCAFusion",
+    "chunked_attention",
+    "chunked_attention_and_column_mean",
+]
 
 _HEAD_ALIGN = 8
 # MODEL.ACAMKD.ATTENTION: how the (identical) attention is computed. "auto" is "chunked" on the
@@ -16,6 +21,10 @@ ATTENTION_IMPLS = ("auto", "chunked", "sdpa")
 # Elements of one (B, queries, N) score buffer of the chunked attention: 2**22 is 16 MB in
 # float32. Forward and backward hold at most three such buffers at once.
 _CHUNK_ELEMENTS = 1 << 22
+# Elements of the whole (B, N, N) probabilities up to which the chunked attention keeps them for
+# its backward instead of recomputing them: 2**27 is 512 MB in float32 (RetinaNet p3 of a
+# 640x640 image at batch 2 is 82M; of a 1333x800 image at batch 1, 282M, recomputed).
+_SAVED_PROBS_ELEMENTS = 1 << 27
 
 
 def _to_sequence(x: Tensor) -> Tensor:
@@ -37,57 +46,93 @@ def _query_chunk(batch: int, n: int, chunk_elements: int) -> int:
 
 class _ChunkedAttention(torch.autograd.Function):
     """
-    Exact one-head attention ``softmax(q k^T * scale) v`` over query chunks: q k^T is computed
-    once per chunk for the full value width, and the backward recomputes the chunk's scores
-    instead of saving them (as flash attention does), so no N x N buffer exists in either pass.
+    Exact one-head attention ``softmax(q k^T * scale) v`` over query chunks, and optionally the
+    mean of the attention rows over the queries: q k^T is computed once per chunk for the full
+    value width. With ``keep_probs`` the chunks' probabilities are kept for the backward
+    (B x N x L elements in all); otherwise the backward recomputes each chunk's (as flash
+    attention does), so no N x L buffer exists in either pass.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, chunk: int) -> Tensor:
+    def forward(
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
+        chunk: int,
+        keep_probs: bool,
+        column_mean: bool,
+    ) -> Tuple[Tensor, Tensor]:
         b, n, _ = q.shape
         q = (q * scale).contiguous()
         k, v = k.contiguous(), v.contiguous()
-        kt = k.transpose(1, 2)  # (B, C_q, N)
+        kt = k.transpose(1, 2)  # (B, C_q, L)
         out = v.new_empty(b, n, v.shape[-1])
+        mean = q.new_zeros(b, k.shape[1] if column_mean else 0)  # (B, L) or empty
+        kept = []
         for i in range(0, n, chunk):
-            probs = torch.softmax(torch.bmm(q[:, i : i + chunk], kt), dim=-1)  # (B, m, N)
+            probs = torch.softmax(torch.bmm(q[:, i : i + chunk], kt), dim=-1)  # (B, m, L)
             torch.bmm(probs, v, out=out[:, i : i + chunk])
+            if column_mean:
+                mean.add_(probs.sum(dim=1))
+            if keep_probs:
+                kept.append(probs)
             del probs
-        ctx.save_for_backward(q, k, v, out)
-        ctx.scale, ctx.chunk = scale, chunk
-        return out
+        if column_mean:
+            mean.div_(n)
+        else:
+            ctx.mark_non_differentiable(mean)
+        ctx.save_for_backward(q, k, v, out, *kept)
+        ctx.scale, ctx.chunk, ctx.column_mean = scale, chunk, column_mean
+        return out, mean
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tuple[Tensor, Tensor, Tensor, None, None]:
-        q, k, v, out = ctx.saved_tensors  # q already scaled
+    def backward(ctx, grad_out: Tensor, grad_mean: Tensor) -> Tuple[Optional[Tensor], ...]:
+        q, k, v, out, *kept = ctx.saved_tensors  # q already scaled; kept: chunks' probs
         scale, chunk = ctx.scale, ctx.chunk
         n = q.shape[1]
         grad_out = grad_out.contiguous()
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-        # Row sums of dP * P, which the softmax backward subtracts, equal rowsum(dO * O).
+        # dP = dO v^T (+ the column mean's gradient / n on every row); the softmax backward
+        # subtracts the row sums of dP * P: rowsum(dO * O) (+ P g / n).
         delta = (grad_out * out).sum(-1, keepdim=True)  # (B, N, 1)
+        grad_col = grad_mean.div(n).unsqueeze(1) if ctx.column_mean else None  # (B, 1, L)
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros_like(k)
         grad_v = torch.zeros_like(v)
-        for i in range(0, n, chunk):
+        for index, i in enumerate(range(0, n, chunk)):
             sl = slice(i, i + chunk)
-            probs = torch.softmax(torch.bmm(q[:, sl], kt), dim=-1)  # (B, m, N)
+            if kept:
+                probs = kept[index]
+            else:
+                probs = torch.softmax(torch.bmm(q[:, sl], kt), dim=-1)  # (B, m, L)
             grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, sl])
-            grad_scores = torch.bmm(grad_out[:, sl], vt)  # dP, (B, m, N)
-            grad_scores.sub_(delta[:, sl]).mul_(probs)  # dS = P * (dP - delta)
+            grad_scores = torch.bmm(grad_out[:, sl], vt)  # dP, (B, m, L)
+            row = delta[:, sl]
+            if grad_col is not None:
+                grad_scores.add_(grad_col)
+                row = row + torch.bmm(probs, grad_col.transpose(1, 2))
+            grad_scores.sub_(row).mul_(probs)  # dS = P * (dP - rowsum(dP * P))
             del probs
             torch.bmm(grad_scores, k, out=grad_q[:, sl])
             grad_k.baddbmm_(grad_scores.transpose(1, 2), q[:, sl])
             del grad_scores
         grad_q.mul_(scale)
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
 def chunked_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, chunk_elements: int = _CHUNK_ELEMENTS
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+    saved_probs_elements: int = _SAVED_PROBS_ELEMENTS,
 ) -> Tensor:
     """
-    Exact one-head attention without an N x N buffer, for any value width.
+    Exact one-head attention, for any value width, without an N x L buffer once the
+    probabilities outgrow ``saved_probs_elements``.
 
     Args:
         q (Tensor): (B, N, C_q) queries.
@@ -96,18 +141,50 @@ def chunked_attention(
         scale (float): factor of q k^T before the softmax.
         chunk_elements (int): size of one (B, queries, L) score buffer; forward and backward
             hold at most three.
+        saved_probs_elements (int): when the (B, N, L) probabilities have at most this many
+            elements, the forward keeps them for the backward, which then skips recomputing
+            them (a third fewer multiply-adds); above, they are recomputed chunk by chunk.
 
     Returns:
         Tensor: (B, N, C), ``softmax(q k^T * scale) v``. Half-precision inputs are computed in
         float32 (autocast off) and returned in their dtype.
     """
+    return chunked_attention_and_column_mean(
+        q, k, v, scale, False, chunk_elements, saved_probs_elements
+    )[0]
+
+
+def chunked_attention_and_column_mean(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    column_mean: bool = True,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+    saved_probs_elements: int = _SAVED_PROBS_ELEMENTS,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """
+    :func:`chunked_attention`, and with ``column_mean`` the mean over the N queries of the
+    attention rows, ``a = mean_i softmax(q_i k^T * scale)`` (B, L): the spatial mean of the
+    output of any value is then ``a v``, without computing the output.
+
+    Returns:
+        out (Tensor): (B, N, C).
+        mean (Tensor or None): (B, L) if ``column_mean``.
+    """
     dtype = v.dtype
     chunk = _query_chunk(q.shape[0], k.shape[1], chunk_elements)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    keep = needs_grad and q.shape[0] * q.shape[1] * k.shape[1] <= saved_probs_elements
     if dtype in (torch.float16, torch.bfloat16):
         with torch.autocast(device_type=q.device.type, enabled=False):
-            out = _ChunkedAttention.apply(q.float(), k.float(), v.float(), scale, chunk)
-        return out.to(dtype)
-    return _ChunkedAttention.apply(q, k, v, scale, chunk)
+            out, mean = _ChunkedAttention.apply(
+                q.float(), k.float(), v.float(), scale, chunk, keep, column_mean
+            )
+        out, mean = out.to(dtype), mean.to(dtype)
+    else:
+        out, mean = _ChunkedAttention.apply(q, k, v, scale, chunk, keep, column_mean)
+    return out, (mean if column_mean else None)
 
 
 class STCAFusion(nn.Module):
@@ -186,17 +263,70 @@ class STCAFusion(nn.Module):
         Returns:
             Tensor: (B, C, H, W) fused feature F.
         """
+        b, c, h, w = teacher.shape
+        out = self._attend(*self._qkv(teacher, student))  # (B, N, C)
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+    def project(
+        self, teacher: Tensor, student: Tensor, units: Optional[Tensor], spatial_mean: bool
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """
+        What a linear reader of F needs, in float32: ``units`` applied to F's C-vector at every
+        position, and F's spatial mean. On the chunked path F itself is never formed: F = V A^T
+        makes ``units F = (units V) A^T``, an attention whose value has M columns instead of C,
+        and ``mean_hw F = V mean_i A_i`` (:func:`chunked_attention_and_column_mean`), the same
+        values in a fraction of the multiply-adds (M + C_q against C + C_q per key and query).
+
+        Args:
+            teacher, student (Tensor): as in :meth:`forward`.
+            units (Tensor or None): (M, C).
+            spatial_mean (bool): also return F's spatial mean.
+
+        Returns:
+            projected (Tensor or None): (B, M, H, W), ``einsum("mc,bchw->bmhw", units, F)``.
+            mean (Tensor or None): (B, C), F averaged over H and W.
+        """
+        if self.attention_impl(teacher.device) == "chunked":
+            return self._project_chunked(teacher, student, units, spatial_mean)
+        fused = self(teacher, student)  # under the caller's autocast, if any
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            fused = fused.to(torch.promote_types(fused.dtype, torch.float32))
+            projected = pooled = None
+            if units is not None:
+                projected = torch.einsum("mc,bchw->bmhw", units.to(fused.dtype), fused).float()
+            if spatial_mean:
+                pooled = fused.mean(dim=(2, 3)).float()
+            return projected, pooled
+
+    def _project_chunked(
+        self, teacher: Tensor, student: Tensor, units: Optional[Tensor], spatial_mean: bool
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """:meth:`project` on the chunked path, F never formed."""
+        b, _, h, w = teacher.shape
+        q, k, v = self._qkv(teacher, student)  # under the caller's autocast, if any
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            dtype = torch.promote_types(v.dtype, torch.float32)  # half -> float32
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            value = v[..., :0] if units is None else v @ units.to(dtype).t()  # (B, N, M)
+            out, mean = chunked_attention_and_column_mean(q, k, value, self.scale, spatial_mean)
+            projected = pooled = None
+            if units is not None:
+                projected = out.transpose(1, 2).reshape(b, -1, h, w).float()
+            if spatial_mean:
+                pooled = torch.einsum("bn,bnc->bc", mean, v).float()
+            return projected, pooled
+
+    def _qkv(self, teacher: Tensor, student: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, N, C_q) queries, (B, N, C_q) keys and (B, N, C) values; the teacher detached."""
         teacher = teacher.detach()
         if self.query_source == "teacher":
             query_src, kv_src = teacher, student
         else:
             query_src, kv_src = student, teacher
-        b, c, h, w = teacher.shape
         q = _to_sequence(self.query_proj(query_src))
         k = _to_sequence(self.key_proj(kv_src))
         v = _to_sequence(self.value_proj(kv_src))
-        out = self._attend(q, k, v)  # (B, N, C)
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        return q, k, v
 
     def attention_impl(self, device: torch.device) -> str:
         """The implementation used for tensors on ``device``: "chunked" or "sdpa"."""
