@@ -127,9 +127,9 @@ def add_acamkd_config(cfg: CN) -> None:
     # Added to the Dice denominator for numerical safety.
     _C.MODEL.ACAMKD.DICE_EPS = 1e-6
     # How STCA-FF computes its attention; all three give the same result (docs/METHOD.md,
-    # "Computing the attention"): "chunked" (one head with the full value width over chunks
-    # of queries, fewer multiply-adds; fastest on the CPU), "sdpa" (the fused
-    # scaled_dot_product_attention kernels, the value split into C_q-wide heads; fastest on
+    # "Computing the attention"): "chunked" (one head over chunks of queries, reading the
+    # fused feature only as ASCM does, without forming it; fastest on the CPU), "sdpa" (the
+    # fused scaled_dot_product_attention kernels, the value split into C_q-wide heads; fastest on
     # CUDA) or "auto" ("chunked" on the CPU, "sdpa" elsewhere).
     _C.MODEL.ACAMKD.ATTENTION = "auto"
 

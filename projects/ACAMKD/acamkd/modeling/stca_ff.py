@@ -211,10 +211,11 @@ class STCAFusion(nn.Module):
       multithreaded BLAS on small blocks, measured 5-7x slower here. On CUDA the fused kernels
       are far ahead of anything written with separate matrix products, so this is the choice
       there.
-    * ``"chunked"``: :func:`chunked_attention`, one head with the full value width over chunks
-      of queries, each chunk's ``(B, m, N)`` scores held only while it is processed (about
-      16 MB in float32) and recomputed in the backward: the 28% fewer multiply-adds above, as
-      large matrix products that the CPU BLAS runs on every core. The CPU choice.
+    * ``"chunked"``: :func:`chunked_attention`, one head over chunks of queries, each chunk's
+      ``(B, m, N)`` scores formed once (kept for the backward while all of them fit in 512 MB,
+      recomputed beyond), as large matrix products that the CPU BLAS runs on every core. For
+      ASCM, :meth:`project` never forms F (``N^2 x 402`` multiply-adds at C = 256, C_q = 128,
+      M = 6). The CPU choice.
 
     ``"auto"`` (default) picks ``"chunked"`` for CPU tensors and ``"sdpa"`` otherwise. Odd C
     works on both: 19 Cityscapes classes give C_q = 9 (two SDPA heads of width 16).
