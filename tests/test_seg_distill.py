@@ -214,13 +214,18 @@ def _streets_cfg(role: str) -> CfgNode:
     return cfg
 
 
-def test_streets_configs_share_schedule_seed_and_data():
+def test_streets_configs_share_solver_seed_and_data_the_teacher_trains_longer():
     cfgs = {role: _streets_cfg(role) for role in STREETS_FILES}
 
-    def shared(cfg):
-        return cfg.SOLVER, cfg.SEED, cfg.INPUT, cfg.DATASETS, cfg.DATALOADER
+    def shared(cfg, schedule=True):
+        solver = cfg.SOLVER.clone()
+        if not schedule:  # the teacher trains longer, as model-zoo teachers do
+            solver.MAX_ITER = solver.CHECKPOINT_PERIOD = None
+        return solver, cfg.SEED, cfg.INPUT, cfg.DATASETS, cfg.DATALOADER
 
-    assert shared(cfgs["teacher"]) == shared(cfgs["baseline"]) == shared(cfgs["acamkd"])
+    assert shared(cfgs["baseline"]) == shared(cfgs["acamkd"])
+    assert shared(cfgs["teacher"], False) == shared(cfgs["baseline"], False)
+    assert cfgs["teacher"].SOLVER.MAX_ITER == 3 * cfgs["baseline"].SOLVER.MAX_ITER
     kd = cfgs["acamkd"]
     assert kd.DATASETS.TEST == ("streets_sem_seg_val",) and kd.SEED != -1  # -1: a random seed
     assert kd.MODEL.ACAMKD.TEACHER.CONFIG_FILE.endswith(STREETS_FILES["teacher"])
