@@ -158,8 +158,6 @@ def _teacher_features_no_grad(
 @contextlib.contextmanager
 def _implementation(model: ACAMDistiller, impl: str) -> Iterator[None]:
     """Run ``model`` as ``impl`` ("after": as built; "before": see the module docstring)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     fusions = [m.fusion for m in model.acam.values() if m.fusion is not None]
     attentions = [f.attention for f in fusions]
     if impl == "before":

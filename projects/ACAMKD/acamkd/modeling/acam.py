@@ -229,21 +229,26 @@ class ACAMLevel(nn.Module):
         if self.ascm is None:
             return self._forward_without_masks(teacher, aligned, return_masks)
 
-        if self.fusion is not None:
+        mask_input = aligned.detach() if self.detach_student_in_masks else aligned
+        if self.fusion is None:  # "teacher adaptive": the masks read the teacher alone
+            fused = teacher
+        elif self.fusion.attention_impl(teacher.device) == "chunked":
             # ASCM reads F only through m_s F and F's spatial mean, which STCA-FF gives without
-            # forming F on its CPU path (STCAFusion.project).
-            mask_input = aligned.detach() if self.detach_student_in_masks else aligned
+            # forming F (STCAFusion.project).
+            fused = None
             spatial_logits, pooled = self.fusion.project(
                 teacher, mask_input, self.ascm.spatial_units, self.ascm.channel_units is not None
             )
+        else:
+            fused = self.fusion(teacher, mask_input)
 
         # The masks and losses are cheap next to the attention; float32 keeps the sigmoid masks
         # near 0.5 and the squared differences exact under a float16/bfloat16 autocast.
         with torch.autocast(device_type=teacher.device.type, enabled=False):
-            if self.fusion is None:  # "teacher adaptive": the masks read the teacher alone
-                spatial_masks, channel_masks = self.ascm(teacher.float())
-            else:
+            if fused is None:
                 spatial_masks, channel_masks = self.ascm.masks(spatial_logits, pooled)
+            else:
+                spatial_masks, channel_masks = self.ascm(fused.float())
             diff = teacher.float() - aligned.float()
             losses = {}
             loss_div = diff.new_zeros(())
@@ -278,10 +283,11 @@ class ACAMLevel(nn.Module):
 
         masks_out = None
         if return_masks:
-            with torch.no_grad():
-                fused = teacher if self.fusion is None else self.fusion(teacher, aligned)
+            if fused is None:  # formed for the figures only, without gradient
+                with torch.no_grad():
+                    fused = self.fusion(teacher, mask_input)
             masks_out = {
-                "fused": fused,
+                "fused": fused.detach(),
                 "teacher": teacher,
                 "student": aligned.detach(),
                 "discrepancy": discrepancy,

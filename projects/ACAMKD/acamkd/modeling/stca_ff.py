@@ -272,11 +272,13 @@ class STCAFusion(nn.Module):
         self, teacher: Tensor, student: Tensor, units: Optional[Tensor], spatial_mean: bool
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """
-        What a linear reader of F needs, in float32: ``units`` applied to F's C-vector at every
-        position, and F's spatial mean. On the chunked path F itself is never formed: F = V A^T
-        makes ``units F = (units V) A^T``, an attention whose value has M columns instead of C,
-        and ``mean_hw F = V mean_i A_i`` (:func:`chunked_attention_and_column_mean`), the same
+        What a linear reader of F needs, in float32, without forming F: ``units`` applied to
+        F's C-vector at every position, and F's spatial mean. F = V A^T makes
+        ``units F = (units V) A^T``, an attention whose value has M columns instead of C, and
+        ``mean_hw F = V mean_i A_i`` (:func:`chunked_attention_and_column_mean`), the same
         values in a fraction of the multiply-adds (M + C_q against C + C_q per key and query).
+        Always the chunked attention: :class:`~acamkd.modeling.acam.ACAMLevel` calls it where
+        ``attention_impl`` is "chunked" and forms F with the fused kernels elsewhere.
 
         Args:
             teacher, student (Tensor): as in :meth:`forward`.
@@ -287,22 +289,6 @@ class STCAFusion(nn.Module):
             projected (Tensor or None): (B, M, H, W), ``einsum("mc,bchw->bmhw", units, F)``.
             mean (Tensor or None): (B, C), F averaged over H and W.
         """
-        if self.attention_impl(teacher.device) == "chunked":
-            return self._project_chunked(teacher, student, units, spatial_mean)
-        fused = self(teacher, student)  # under the caller's autocast, if any
-        with torch.autocast(device_type=teacher.device.type, enabled=False):
-            fused = fused.to(torch.promote_types(fused.dtype, torch.float32))
-            projected = pooled = None
-            if units is not None:
-                projected = torch.einsum("mc,bchw->bmhw", units.to(fused.dtype), fused).float()
-            if spatial_mean:
-                pooled = fused.mean(dim=(2, 3)).float()
-            return projected, pooled
-
-    def _project_chunked(
-        self, teacher: Tensor, student: Tensor, units: Optional[Tensor], spatial_mean: bool
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """:meth:`project` on the chunked path, F never formed."""
         b, _, h, w = teacher.shape
         q, k, v = self._qkv(teacher, student)  # under the caller's autocast, if any
         with torch.autocast(device_type=teacher.device.type, enabled=False):
