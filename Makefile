@@ -18,9 +18,9 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m flake8 projects tools tests train_net.py
-	$(PY) -m isort --check-only --diff projects tools tests train_net.py
-	$(PY) -m black --check -l 100 projects tools tests train_net.py
+	$(PY) -m flake8 projects tools tests configs train_net.py
+	$(PY) -m isort --check-only --diff projects tools tests configs train_net.py
+	$(PY) -m black --check -l 100 projects tools tests configs train_net.py
 
 env: setup
 	$(PY) -m acamkd.env
