@@ -4,17 +4,19 @@ The one-command demo on generated data (the README's main command runs it):
 
     python tools/demo.py --output-dir output/demo
 
-Generates the street scenes under $DETECTRON2_DATASETS (default ./datasets), trains a RetinaNet
-wide R-18-FPN teacher (1500 iterations), a R-18-FPN student baseline and a R-18-FPN ACAM-KD
-student (300 iterations each, same schedule and seed), evaluates the three with the COCO
-evaluator, and prints and saves (results.md, results.json) a model-zoo style table. Rerunning it
-skips finished stages and resumes an interrupted one. `--task segmentation` does the same for
+Generates the street scenes under $DETECTRON2_DATASETS (default ./datasets), trains a wide FCOS
+R-18-FPN teacher (600 iterations, every core), then three FCOS R-18-FPN students side by side
+(200 iterations each, same schedule and seed): alone, distilled with plain feature MSE
+(MODEL.ACAMKD.MASKS none) and with ACAM-KD; evaluates the four with the COCO evaluator, and
+prints and saves (results.md, results.json) a model-zoo style table. Rerunning it skips finished
+stages and resumes an interrupted one. `--task segmentation` does the same for
 DeepLabV3 on the Cityscapes-layout copy of the scenes (mIoU):
 
     python tools/demo.py --task segmentation --output-dir output/demo_seg
 """
 import argparse
 import logging
+import os
 import shlex
 import sys
 
@@ -32,7 +34,7 @@ def main() -> None:
         "--task",
         choices=["detection", "segmentation"],
         default="detection",
-        help="detection: RetinaNet wide R-18 -> R-18, COCO AP; segmentation: DeepLabV3, mIoU",
+        help="detection: FCOS wide R-18 -> R-18, COCO AP; segmentation: DeepLabV3, mIoU",
     )
     parser.add_argument("--num-train", type=int, default=320, help="generated training images")
     parser.add_argument("--num-val", type=int, default=80, help="generated validation images")
@@ -42,10 +44,17 @@ def main() -> None:
         "--max-depth", type=float, default=14.0, help="farthest object depth in metres"
     )
     parser.add_argument(
-        "--teacher-iters", type=int, default=None, help="default: 1500 (detection), 300 (seg.)"
+        "--teacher-iters", type=int, default=None, help="default: 600 (detection), 300 (seg.)"
     )
     parser.add_argument(
-        "--student-iters", type=int, default=None, help="default: 300 (detection), 180 (seg.)"
+        "--student-iters", type=int, default=None, help="default: 200 (detection), 180 (seg.)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(3, os.cpu_count() or 1),
+        help="student trainings at once after the teacher's, each with cores/jobs threads and "
+        "its console in its folder (default: the 3 students side by side, fewer on fewer cores)",
     )
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every training stage"
@@ -64,6 +73,7 @@ def main() -> None:
         student_iters=args.student_iters,
         extra_opts=args.opts,
         task=args.task,
+        jobs=args.jobs,
         command=shlex.join(["python", *sys.argv]),
     )
     print(table)

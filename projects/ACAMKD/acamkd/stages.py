@@ -9,6 +9,7 @@ also counts as a change); a stage that changed is retrained from scratch, and an
 one resumes from its last checkpoint (``--resume``).
 """
 
+import datetime
 import hashlib
 import json
 import logging
@@ -17,13 +18,21 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import is_readable_checkpoint
 from .config import REPO_ROOT
 
-__all__ = ["Stage", "REPO_ROOT", "final_metrics", "read_metrics", "resolved_config_digest"]
+__all__ = [
+    "Stage",
+    "REPO_ROOT",
+    "final_metrics",
+    "read_metrics",
+    "resolved_config_digest",
+    "run_side_by_side",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +137,19 @@ class Stage:
                 return False
         return is_readable_checkpoint(os.path.join(out, _FINAL))
 
-    def run(self, root: str) -> bool:
+    def prepare(self, root: str) -> Optional[List[str]]:
         """
-        Train unless finished; a folder trained with another command or config is emptied
-        first.
+        Get the folder ready to train: a folder trained with another command or config is
+        emptied, the record of what is asked is written.
 
         Returns:
-            bool: True if it trained (or resumed), False if it was already finished.
+            list[str] or None: the command to run, or None if the stage is finished.
         """
         out = self.output_dir(root)
         current = self._record()  # resolves the config once for the checks and the record
         if self._is_finished(root, current):
             logger.info("[%s] already trained in %s: skipped", self.name, out)
-            return False
+            return None
         record = os.path.join(out, _RECORD)
         if os.path.isfile(record):
             with open(record) as f:
@@ -165,8 +174,93 @@ class Stage:
             json.dump(current, f, indent=1)
         cmd = self.command(root)
         logger.info("[%s] %s", self.name, shlex.join(cmd))
+        return cmd
+
+    def run(self, root: str) -> bool:
+        """
+        Train unless finished (see :meth:`prepare`).
+
+        Returns:
+            bool: True if it trained (or resumed), False if it was already finished.
+        """
+        cmd = self.prepare(root)
+        if cmd is None:
+            return False
         subprocess.run(cmd, check=True, cwd=REPO_ROOT)
         return True
+
+
+def run_side_by_side(
+    stages: Sequence[Stage],
+    root: str,
+    jobs: int,
+    threads: int,
+    poll_seconds: float = 60.0,
+) -> Dict[str, float]:
+    """
+    Train ``stages``, up to ``jobs`` at a time (in order, the next one starting when one
+    ends), each in its own process with ``threads`` CPU threads and its console output in
+    ``<stage>/console.log``; every ``poll_seconds`` one progress line per running stage
+    (iteration, ETA, from its ``metrics.json``).
+
+    Returns:
+        dict[str, float]: wall seconds per stage trained here, from its start to its end
+        (finished stages are skipped).
+
+    Raises:
+        RuntimeError: a stage failed (the others are let finish), naming it and its log.
+        An interrupt stops every run; rerunning resumes each from its last checkpoint.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    waiting, running, seconds, failed = list(stages), {}, {}, []
+    try:
+        last_report = time.monotonic()
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                stage = waiting.pop(0)
+                cmd = stage.prepare(root)
+                if cmd is None:
+                    continue
+                log_path = os.path.join(stage.output_dir(root), "console.log")
+                with open(log_path, "a") as log:
+                    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+                running[stage.name] = (stage, proc, log_path, time.perf_counter())
+            time.sleep(1.0 if running else 0.0)
+            report = time.monotonic() - last_report >= poll_seconds
+            if report:
+                last_report = time.monotonic()
+            for name, (stage, proc, log_path, start) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    if report:
+                        logger.info("[%s] %s", name, _progress(stage.output_dir(root)))
+                    continue
+                del running[name]
+                seconds[name] = time.perf_counter() - start
+                if code != 0:
+                    failed.append(f"{name} (exit {code}, see {log_path})")
+                else:
+                    logger.info("[%s] finished in %.0f s", name, seconds[name])
+    except BaseException:  # e.g. Ctrl-C: stop the runs too; each resumes from its checkpoint
+        for _, proc, _, _ in running.values():
+            proc.terminate()
+        raise
+    if failed:
+        raise RuntimeError("Training failed: " + "; ".join(failed))
+    return seconds
+
+
+def _progress(output_dir: str) -> str:
+    """``iteration N, ETA 0:04:10`` from a run's last training record, or ``starting``."""
+    try:
+        records = read_metrics(output_dir)
+    except ValueError:  # a line being written
+        return "running"
+    for record in reversed(records):
+        if "eta_seconds" in record:
+            eta = datetime.timedelta(seconds=int(record["eta_seconds"]))
+            return f"iteration {record['iteration'] + 1}, ETA {eta}"
+    return "starting"
 
 
 def read_metrics(output_dir: str) -> List[Dict[str, float]]:
