@@ -20,8 +20,6 @@ SHRINK = [
     "INPUT.MAX_SIZE_TEST", "128",
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.WARMUP_ITERS", "1",
-    # 64 wide: the RetinaNet head's GroupNorm has 32 groups, and p7 is 1x1 at this size.
-    "MODEL.FPN.OUT_CHANNELS", "64",
     "DATALOADER.NUM_WORKERS", "0",
 ]  # fmt: skip
 

@@ -61,8 +61,9 @@ def _interp(start: float, end: float, t: float) -> float:
     return start * (end / start) ** t
 
 
-# The detection demo's ACAM-KD run (README, docs/METHOD.md): at the end the spatial means are
-# 9e-18 (p3), 2e-26 (p4), 3e-4 .. 1e-3 (p5-p7); channel 2e-12 (p3), 2e-7 (p4), 0.5 (p5-p7).
+# The former RetinaNet demo's ACAM-KD run, literal reading (README, docs/METHOD.md): at the end
+# the spatial means are 9e-18 (p3), 2e-26 (p4), 3e-4 .. 1e-3 (p5-p7); channel 2e-12 (p3), 2e-7
+# (p4), 0.5 (p5-p7).
 DEMO_END = {
     "p3": {"spatial": 9e-18, "channel": 2e-12},
     "p4": {"spatial": 2e-26, "channel": 2e-7},

@@ -1,12 +1,12 @@
 """
-ACAM-KD student of the demo: RetinaNet R-18-FPN distilled from the wide R-18-FPN teacher
-(retinanet_R_18_FPN_wide_streets.yaml), with the schedule and seed of the baseline
+ACAM-KD student of the RetinaNet benchmark: RetinaNet R-18-FPN distilled from the wide
+R-18-FPN teacher (retinanet_R_18_FPN_wide_streets.yaml, trained into output/retinanet_teacher), with the schedule and seed of the baseline
 retinanet_R_18_FPN_streets.py; the LazyConfig twin of
 acamkd_retinanet_R_18_from_R_18_wide_streets.yaml.
 
     python train_net.py \
         --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_18_wide_streets.py \
-        model.teacher.weights=output/demo/teacher/model_final.pth
+        model.teacher.weights=output/retinanet_teacher/model_final.pth
 """
 
 from detectron2.config import LazyCall as L

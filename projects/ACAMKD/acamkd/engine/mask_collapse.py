@@ -8,9 +8,9 @@ A level's spatial (or channel) masks have *collapsed* when their mean value leav
 weight every position (or channel) alike and the masked loss becomes a plain MSE. During
 training the rule must hold at ``patience`` (3) consecutive checks, one check per logging
 period on the median of that period, or at the run's last check. Every collapse measured in
-this project fires (detection demo: spatial means 9e-18 to 1e-3 at the end; segmentation
-demo: 1e-4; a 40-iteration segmentation run: 0.45 -> 0.006), healthy masks (means 0.3-0.6)
-never do.
+this project fires (the former RetinaNet demo, literal reading: spatial means 9e-18 to 1e-3
+at the end; segmentation demo: 1e-4; a 40-iteration segmentation run: 0.45 -> 0.006), healthy
+masks (means 0.3-0.6) never do.
 
 Nothing here imports torch: the same rule marks collapsed runs in a study table from the last
 record of their ``metrics.json`` (:func:`is_collapsed`, :func:`collapsed_levels`,
