@@ -16,7 +16,6 @@ DeepLabV3 on the Cityscapes-layout copy of the scenes (mIoU):
 """
 import argparse
 import logging
-import os
 import shlex
 import sys
 
@@ -52,9 +51,9 @@ def main() -> None:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=min(3, os.cpu_count() or 1),
-        help="student trainings at once after the teacher's, each with cores/jobs threads and "
-        "its console in its folder (default: the 3 students side by side, fewer on fewer cores)",
+        default=3,
+        help="student trainings at once after the teacher's, each with max(1, cores/jobs) "
+        "threads and its console in its folder (default: the 3 students side by side)",
     )
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every training stage"
