@@ -8,11 +8,12 @@ baseline, fraction of the teacher-baseline gap closed, train s/iter, final mask 
 Rerunning skips finished runs and resumes an interrupted one; runs shared with another study
 in the same --output-dir (same config, settings and seed) are reused.
 
-Examples (the embedded benchmark; first `python train_net.py --config-file
-configs/Streets-Detection/retinanet_R_18_FPN_wide_streets.yaml OUTPUT_DIR output/retinanet_teacher`):
+Examples (the embedded benchmark; its teacher first: `python train_net.py --config-file
+configs/Streets-Detection/retinanet_R_18_FPN_wide_streets.yaml
+OUTPUT_DIR output/retinanet_teacher`):
 
     python tools/study.py --set objective --seeds 0 1 2 \\
-        --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets.yaml \\
+        --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_18_wide_streets.yaml \\
         --teacher-weights output/retinanet_teacher/model_final.pth --output-dir output/study_det
 
     python tools/study.py --set paper-ablation --seeds 0 1 2 --acam NORMALIZER=sum_sq \\
