@@ -1,7 +1,7 @@
 """
 ACAM-KD student of the RetinaNet benchmark: RetinaNet R-18-FPN distilled from the wide
-R-18-FPN teacher (retinanet_R_18_FPN_wide_streets.yaml, trained into output/retinanet_teacher), with the schedule and seed of the baseline
-retinanet_R_18_FPN_streets.py; the LazyConfig twin of
+R-18-FPN teacher (retinanet_R_18_FPN_wide_streets.yaml, trained into output/retinanet_teacher),
+with the schedule and seed of the baseline retinanet_R_18_FPN_streets.py; the LazyConfig twin of
 acamkd_retinanet_R_18_from_R_18_wide_streets.yaml.
 
     python train_net.py \

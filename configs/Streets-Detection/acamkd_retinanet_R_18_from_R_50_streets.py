@@ -1,8 +1,8 @@
 """
 RetinaNet R-18-FPN student distilled from the R-50-FPN teacher (retinanet_R_50_FPN_streets.yaml),
 with the schedule and seed of the baseline retinanet_R_18_FPN_streets.py; the LazyConfig twin of
-acamkd_retinanet_R_18_from_R_50_streets.yaml. The RetinaNet benchmark's pair (wide R-18 teacher) with
-only the teacher changed (both FPNs are 128 wide).
+acamkd_retinanet_R_18_from_R_50_streets.yaml. The RetinaNet benchmark's pair (wide R-18 teacher)
+with only the teacher changed (both FPNs are 128 wide).
 
     python train_net.py \
         --config-file configs/Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets.py \
