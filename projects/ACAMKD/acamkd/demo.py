@@ -175,18 +175,16 @@ def run_demo(
     teacher_iters = teacher_iters or _TASKS[task].teacher_iters
     student_iters = student_iters or _TASKS[task].student_iters
     stages = demo_stages(output_dir, teacher_iters, student_iters, extra_opts, task)
-    teacher, students = stages[0], stages[1:]
-    t0 = time.perf_counter()
-    teacher.run(output_dir)  # with every CPU thread
-    seconds = {teacher.name: time.perf_counter() - t0}
+    # The teacher always trains alone, with every CPU thread; the students after it, side by
+    # side when jobs > 1.
+    seconds = {}
+    for stage in stages if jobs <= 1 else stages[:1]:
+        t0 = time.perf_counter()
+        stage.run(output_dir)
+        seconds[stage.name] = time.perf_counter() - t0
     if jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        seconds.update(run_side_by_side(students, output_dir, jobs, threads))
-    else:
-        for stage in students:
-            t0 = time.perf_counter()
-            stage.run(output_dir)
-            seconds[stage.name] = time.perf_counter() - t0
+        seconds.update(run_side_by_side(stages[1:], output_dir, jobs, threads))
     # The comparison measures each stage as trained; the overrides that are not part of
     # the model (schedule, test set) do not matter there.
     specs = [
