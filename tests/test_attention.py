@@ -194,15 +194,14 @@ def test_fusion_project_equals_reading_the_fused_feature(with_units, spatial_mea
         return projected, (fused.mean(dim=(2, 3)) if spatial_mean else None)
 
     results = []
-    for module, read in ((fusion, None), (ref, read_reference_f)):
-        if read is None:
-            projected, mean = module.project(teacher, student, units, spatial_mean)
-        else:
-            projected, mean = read()
+    for module, read, dtype in (
+        (fusion, lambda: fusion.project(teacher, student, units, spatial_mean), torch.float32),
+        (ref, read_reference_f, torch.float64),
+    ):
+        projected, mean = read()
         assert (projected is not None) == with_units and (mean is not None) == spatial_mean
         outputs = [o for o in (projected, mean) if o is not None]
-        expected_dtype = torch.float32 if read is None else torch.float64
-        assert all(o.dtype == expected_dtype for o in outputs)
+        assert all(o.dtype == dtype for o in outputs)
         loss = sum((o * w).sum() for o, w in zip((projected, mean), weights) if o is not None)
         leaves = [student] + ([units] if with_units else []) + list(module.parameters())
         results.append((outputs, torch.autograd.grad(loss, leaves, allow_unused=True)))
