@@ -16,11 +16,24 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """Undo what a test's in-process ``setup_logger`` does to the loggers (handlers on a
+    captured, later closed stdout; propagation turned off), so no test sees another's set-up."""
+    names = ("acamkd", "detectron2", "fvcore", "d2")
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(log, list(log.handlers), log.propagate) for log in loggers]
+    yield
+    for log, handlers, propagate in saved:
+        log.handlers[:] = handlers
+        log.propagate = propagate
+
+
 @pytest.fixture
 def log_records():
     """``log_records(name, level)`` returns a list that receives the messages of logger
-    ``name`` until the test ends (a handler on that logger itself: detectron2's logger set-up,
-    run by earlier tests, stops propagation to the root logger, where caplog listens)."""
+    ``name`` until the test ends (a handler on that logger itself, which a ``setup_logger`` in
+    the test, turning off propagation to the root logger where caplog listens, does not hide)."""
     attached = []
 
     def attach(name: str, level: int = logging.INFO):

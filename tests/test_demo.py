@@ -1,7 +1,6 @@
 """A shrunk demo runs end to end (generate, train three models, compare) and writes its table."""
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -132,17 +131,17 @@ def test_shrunk_demo_end_to_end(tmp_path):
     assert not (out / "teacher" / "console.log").exists()
 
 
-def test_side_by_side_names_the_failed_stage_and_its_log(tmp_path, monkeypatch, caplog):
+def test_side_by_side_names_the_failed_stage_and_its_log(tmp_path, monkeypatch, log_records):
     """A run that fails among runs side by side is named with its exit code and console log,
     and the other one still finishes."""
     ok = Stage("ok", DET_BASELINE, SHRINK + ["SOLVER.MAX_ITER", "1", "DATASETS.TEST", "()"])
     broken = Stage("broken", DET_BASELINE, ["DATASETS.TRAIN", "('no_such_dataset',)"])
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))  # the runs' data
     generate_streets(str(tmp_path / "datasets"), num_train=2, num_val=1, width=128, height=64)
-    caplog.set_level(logging.INFO, logger="acamkd.stages")
+    messages = log_records("acamkd.stages")
     with pytest.raises(RuntimeError, match=r"broken \(exit 1, see .*broken/console\.log\)"):
         run_side_by_side([ok, broken], str(tmp_path), jobs=2, threads=1, poll_seconds=0.5)
-    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[ok] ")]
+    progress = [m for m in messages if m.startswith("[ok] ")]
     assert any(m.startswith("[ok] starting") for m in progress)  # polled before its first log
     assert re.fullmatch(r"\[ok\] finished in \d+ s", progress[-1])
     assert "no_such_dataset" in (tmp_path / "broken" / "console.log").read_text()

@@ -2,8 +2,6 @@
 strictly: a checkpoint in which a tensor distillation uses is missing or has another shape is
 refused with its keys named (MODEL.ACAMKD.TEACHER.STRICT / model.teacher.strict relax it)."""
 
-import contextlib
-import logging
 import os
 import pickle
 
@@ -27,26 +25,8 @@ STREETS_SEG = os.path.join(REPO, "configs", "Streets-SemanticSegmentation")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@contextlib.contextmanager
-def _records():
-    """The acamkd.checkpoint log records (even where detectron2's setup_logger has turned off
-    propagation of the "acamkd" logger)."""
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("acamkd.checkpoint")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def _text(records) -> str:
-    return "\n".join(r.getMessage() for r in records)
+def _text(messages: list) -> str:
+    return "\n".join(messages)
 
 
 def _detection_cfg(weights: str, *, depth: int = 18, extra=()):
@@ -86,7 +66,7 @@ def _assert_teacher_is(model, state: dict) -> None:
             assert torch.equal(loaded[k], v), k
 
 
-def test_building_reads_no_file_and_the_checkpointer_loads_the_teacher(tmp_path):
+def test_building_reads_no_file_and_the_checkpointer_loads_the_teacher(tmp_path, log_records):
     state = _teacher_state()
     path = _save(state, tmp_path, "teacher.pth")
     missing = str(tmp_path / "not_yet.pth")
@@ -94,8 +74,8 @@ def test_building_reads_no_file_and_the_checkpointer_loads_the_teacher(tmp_path)
     assert model.teacher_weights.path == missing and model.teacher_parts_used == ("backbone",)
 
     model = build_model(_detection_cfg(path))
-    with _records() as records:
-        _start(model)
+    records = log_records("acamkd.checkpoint")
+    _start(model)
     _assert_teacher_is(model, state)
     assert f"Loaded the teacher from '{path}' (MODEL.ACAMKD.TEACHER.WEIGHTS)" in _text(records)
     assert not any(p.requires_grad for p in model.teacher.parameters())
@@ -113,7 +93,7 @@ def test_an_old_distiller_checkpoint_restores_the_teacher_without_its_weights(tm
     _assert_teacher_is(again, model.teacher.state_dict())
 
 
-def test_a_checkpoint_of_another_depth_is_refused(tmp_path):
+def test_a_checkpoint_of_another_depth_is_refused(tmp_path, log_records):
     r18, r34 = _teacher_state(18), _teacher_state(34)
     deeper_blocks = [k for k in r34 if k not in r18]  # res2.2, res3.2-3, res4.2-5, res5.2
     assert deeper_blocks[0] == "backbone.bottom_up.res2.2.conv1.weight"
@@ -146,8 +126,8 @@ def test_a_checkpoint_of_another_depth_is_refused(tmp_path):
             str(tmp_path / "r18.pth"), depth=34, extra=["MODEL.ACAMKD.TEACHER.STRICT", "False"]
         )
     )
-    with _records() as records:
-        _start(model)
+    records = log_records("acamkd.checkpoint")
+    _start(model)
     _assert_teacher_is(model, r18)
     assert "MODEL.ACAMKD.TEACHER.STRICT False is set: distilling anyway" in _text(records)
 
@@ -167,13 +147,13 @@ def test_a_checkpoint_with_a_renamed_prefix_is_refused(tmp_path):
     assert f"(a renamed prefix?): detector.{used[0]}, detector.{used[1]}," in message
 
 
-def test_a_checkpoint_of_another_class_count(tmp_path):
+def test_a_checkpoint_of_another_class_count(tmp_path, log_records):
     state = _teacher_state(num_classes=5)
     path = _save(state, tmp_path, "five_classes.pth")
     # FPN distillation reads the backbone only: the head is logged, the backbone loads.
     model = build_model(_detection_cfg(path))
-    with _records() as records:
-        _start(model)
+    records = log_records("acamkd.checkpoint")
+    _start(model)
     _assert_teacher_is(model, {k: v for k, v in state.items() if k.startswith("backbone.")})
     assert "head.cls_score.weight" in _text(records)
     # With the inheritance strategy the student starts from the teacher's head: refused.
@@ -196,7 +176,7 @@ def _seg_cfg(weights: str, extra=()):
     return cfg
 
 
-def test_logits_distillation_refuses_a_teacher_of_another_class_count(tmp_path):
+def test_logits_distillation_refuses_a_teacher_of_another_class_count(tmp_path, log_records):
     tcfg = build_teacher_cfg(_seg_cfg("")).clone()
     tcfg.defrost()
     tcfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 5
@@ -214,17 +194,17 @@ def test_logits_distillation_refuses_a_teacher_of_another_class_count(tmp_path):
     )
     # STRICT False: loaded where it fits, the rest logged.
     model = build_model(_seg_cfg(path, ["MODEL.ACAMKD.TEACHER.STRICT", "False"]))
-    with _records() as records:
-        _start(model)
+    records = log_records("acamkd.checkpoint")
+    _start(model)
     assert "MODEL.ACAMKD.TEACHER.STRICT False is set: distilling anyway" in _text(records)
 
 
-def test_extra_keys_are_logged_and_the_teacher_loads(tmp_path):
+def test_extra_keys_are_logged_and_the_teacher_loads(tmp_path, log_records):
     state = _teacher_state()
     extra = dict(state, **{"roi_heads.mask_head.predictor.weight": torch.ones(2, 8, 1, 1)})
     model = build_model(_detection_cfg(_save(extra, tmp_path, "extra.pth")))
-    with _records() as records:
-        _start(model)
+    records = log_records("acamkd.checkpoint")
+    _start(model)
     _assert_teacher_is(model, state)
     assert "has 1 tensors the teacher does not have; they are ignored: " in _text(records)
     assert "roi_heads.mask_head.predictor.weight" in _text(records)
