@@ -20,7 +20,7 @@ def _seed():
 def _restore_loggers():
     """Undo what a test's in-process ``setup_logger`` does to the loggers (handlers on a
     captured, later closed stdout; propagation turned off), so no test sees another's set-up."""
-    names = ("acamkd", "detectron2", "fvcore", "d2")
+    names = ("acamkd", "detectron2", "fvcore")  # those setup_logger is called for
     loggers = [logging.getLogger(n) for n in names]
     saved = [(log, list(log.handlers), log.propagate) for log in loggers]
     yield
@@ -32,8 +32,8 @@ def _restore_loggers():
 @pytest.fixture
 def log_records():
     """``log_records(name, level)`` returns a list that receives the messages of logger
-    ``name`` until the test ends (a handler on that logger itself, which a ``setup_logger`` in
-    the test, turning off propagation to the root logger where caplog listens, does not hide)."""
+    ``name`` until the test ends. The handler sits on that logger itself, so it still hears
+    when a ``setup_logger`` in the test turns off propagation to the root, where caplog listens."""
     attached = []
 
     def attach(name: str, level: int = logging.INFO):
