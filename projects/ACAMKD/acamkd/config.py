@@ -80,6 +80,75 @@ def add_acamkd_config(cfg: CN) -> None:
     # weights wherever the shapes match (the log lists what was copied and what was skipped).
     _C.MODEL.ACAMKD.INHERIT_TEACHER = False
 
+    # The distillation method on every distilled level: "ACAMKD" (this project's method; its
+    # keys follow below), "MSE" (plain feature MSE, LOSS_WEIGHT and ALIGN apply), or a rival:
+    # "FGD", "MGD", "CWD", "PKD", "MasKD" (keys under their own nodes below), or any name
+    # registered in acamkd.modeling.methods.DISTILL_METHOD_REGISTRY. A rival's keys left at None
+    # take its authors' value for the student's family (STUDENT_META_ARCHITECTURE).
+    _C.MODEL.ACAMKD.METHOD = "ACAMKD"
+
+    # FGD (focal and global distillation). Authors' values, temp/alpha/beta/gamma/lambda:
+    # RetinaNet 0.5/1e-3/5e-4/5e-4/5e-6; GeneralizedRCNN 0.5/5e-5/2.5e-5/5e-5/5e-7;
+    # FCOS 0.8/1.6e-3/8e-4/8e-4/8e-6; RepPoints 0.5/1.6e-3/8e-4/8e-4/8e-6. Detection only.
+    _C.MODEL.ACAMKD.FGD = CN()
+    # Temperature of the spatial and channel attention.
+    _C.MODEL.ACAMKD.FGD.TEMP = None
+    # Weights of the foreground, background, attention and global losses.
+    _C.MODEL.ACAMKD.FGD.ALPHA = None
+    _C.MODEL.ACAMKD.FGD.BETA = None
+    _C.MODEL.ACAMKD.FGD.GAMMA = None
+    _C.MODEL.ACAMKD.FGD.LAMBDA = None
+    # How boxes map onto a level's grid: "unpadded" (the authors' code: scaled by the grid's
+    # size over the image's size before padding, so boxes stretch by the padding ratio) or
+    # "stride" (divided by the level's stride, the geometric mapping).
+    _C.MODEL.ACAMKD.FGD.BOX_MAPPING = "unpadded"
+
+    # MGD (masked generative distillation). Authors' values: alpha 2e-5 and mask ratio 0.65
+    # (RetinaNet, RepPoints; FCOS has no config of theirs and takes RetinaNet's),
+    # 5e-7 and 0.45 (GeneralizedRCNN), 2e-5 and 0.75 (segmentation).
+    _C.MODEL.ACAMKD.MGD = CN()
+    # Weight of the generation loss.
+    _C.MODEL.ACAMKD.MGD.ALPHA = None
+    # Fraction of the student's positions zeroed before generation (redrawn every step).
+    _C.MODEL.ACAMKD.MGD.MASK_RATIO = None
+
+    # CWD (channel-wise distillation). Authors' values: tau 1, weight 5 (detection, FPN
+    # features); tau 4, weight 3 (segmentation logits).
+    _C.MODEL.ACAMKD.CWD = CN()
+    # Temperature of the per-channel softmax over positions.
+    _C.MODEL.ACAMKD.CWD.TAU = None
+    # Loss weight (the loss is multiplied by tau^2 as well).
+    _C.MODEL.ACAMKD.CWD.WEIGHT = None
+
+    # PKD (Pearson correlation distillation). Authors' weight: 6 (GeneralizedRCNN), 10
+    # (RetinaNet, FCOS, RepPoints; also used for segmentation, which has no config of theirs).
+    # Their configs distil p2-p5 / p3-p6 only: set IN_FEATURES to match.
+    _C.MODEL.ACAMKD.PKD = CN()
+    _C.MODEL.ACAMKD.PKD.WEIGHT = None
+
+    # MasKD (receptive tokens learned on the teacher, then frozen as distillation masks).
+    # Stage 1 is its own run (META_ARCHITECTURE "MasKDTokenLearner"); stage 2 distils with
+    # METHOD "MasKD" and TOKENS pointing at stage 1's checkpoint.
+    _C.MODEL.ACAMKD.MASKD = CN()
+    # Number of receptive tokens per level (authors: 6 for detection, 8 for segmentation).
+    _C.MODEL.ACAMKD.MASKD.NUM_TOKENS = None
+    # Stage 2: weight of the masked loss (authors: RetinaNet 7, GeneralizedRCNN 1, FCOS and
+    # RepPoints 10; segmentation 0.5).
+    _C.MODEL.ACAMKD.MASKD.LOSS_WEIGHT = None
+    # Stage 2: after this many training steps the masks become masks(T) * masks(S) (student
+    # masks without gradient); authors: RetinaNet 7000, GeneralizedRCNN 7330, FCOS and
+    # RepPoints 5000; segmentation never (a negative value).
+    _C.MODEL.ACAMKD.MASKD.WARMUP_ITERS = None
+    # Weigh each token's loss by a softmax over tokens computed from the teacher feature
+    # (authors: detection True, segmentation False).
+    _C.MODEL.ACAMKD.MASKD.WEIGHT_MASKS = None
+    # Stage 2: the stage-1 checkpoint holding the learned tokens (a local path or URL). Loaded
+    # strictly by the checkpointer when a run starts; its SHA-256 is recorded and checked on
+    # resume, as the teacher's.
+    _C.MODEL.ACAMKD.MASKD.TOKENS = ""
+    # Stage 1: weight of the Dice diversity loss of the tokens' masks.
+    _C.MODEL.ACAMKD.MASKD.DICE_WEIGHT = 1.0
+
     # The paper's ablation rows. Which masks weight the feature loss: "spatial_channel"
     # (ACAM-KD), "spatial" or "channel" (only that loss and the Dice loss of those masks), or
     # "none" (the "no mask" row: plain MSE ||D||^2 / (C*H*W) per level, no STCA-FF or ASCM

@@ -7,6 +7,7 @@ What a LazyConfig ``.py`` file needs from this project, beside ``ACAMDistiller``
                                       weights="detectron2://..."),
         acam=L(build_acam_levels)(levels=["p3", ..., "p7"], teacher_channels=256,
                                   student_channels=256, num_masks=6),
+        # or another method: L(build_acam_levels)(..., method="FGD", temp=0.5, alpha=1e-3, ...)
     )
 
 Every builder here takes plain typed values (no lambdas, no built modules), so a config saved
@@ -24,7 +25,7 @@ from detectron2.modeling import build_model
 
 from .config import get_acamkd_cfg
 from .evaluation import build_evaluator
-from .modeling.acam import ACAMLevel
+from .modeling.methods import DISTILL_METHOD_REGISTRY, method_names
 from .modeling.teacher import build_lazy_teacher, resolve_config_file
 
 __all__ = [
@@ -39,10 +40,12 @@ def build_acam_levels(
     levels: Sequence[str],
     teacher_channels: Union[int, Mapping[str, int]],
     student_channels: Union[int, Mapping[str, int]],
-    **acam_kwargs,
+    method: str = "ACAMKD",
+    **method_kwargs,
 ) -> nn.ModuleDict:
     """
-    One :class:`ACAMLevel` per distilled level, the ``acam`` argument of ``ACAMDistiller``.
+    One module of the distillation ``method`` per distilled level (an :class:`ACAMLevel` by
+    default), the ``acam`` argument of ``ACAMDistiller``.
 
     Args:
         levels (list[str]): the level names: FPN levels ("p3", ..., "p7"; in a config e.g.
@@ -50,11 +53,13 @@ def build_acam_levels(
         teacher_channels (int or dict[str, int]): the teacher's channels, for every level or
             per level (FPN width, or the number of classes for logits).
         student_channels (int or dict[str, int]): the same for the raw student feature.
-        acam_kwargs: every other keyword of :class:`ACAMLevel` (num_masks, query_source,
-            mask_objective, loss_weight, ...), the same for every level.
+        method (str): a name of ``DISTILL_METHOD_REGISTRY`` ("ACAMKD", "MSE", "FGD", "MGD",
+            "CWD", "PKD", "MasKD", or one registered by the user).
+        method_kwargs: every other keyword of the method's class (for ACAM-KD num_masks,
+            query_source, mask_objective, loss_weight, ...), the same for every level.
 
     Returns:
-        nn.ModuleDict: level name -> ACAMLevel, in the order of ``levels``.
+        nn.ModuleDict: level name -> the method's module, in the order of ``levels``.
     """
     levels = [str(level) for level in levels]
     if not levels:
@@ -68,10 +73,16 @@ def build_acam_levels(
             return {level: int(channels[level]) for level in levels}
         return {level: int(channels) for level in levels}
 
+    if method not in DISTILL_METHOD_REGISTRY:
+        raise ValueError(
+            f"build_acam_levels: method={method!r} is not a registered distillation method; "
+            f"the registered ones are {method_names()}."
+        )
+    cls = DISTILL_METHOD_REGISTRY.get(method)
     ct, cs = per_level(teacher_channels, "teacher"), per_level(student_channels, "student")
     return nn.ModuleDict(
         {
-            level: ACAMLevel(teacher_channels=ct[level], student_channels=cs[level], **acam_kwargs)
+            level: cls(teacher_channels=ct[level], student_channels=cs[level], **method_kwargs)
             for level in levels
         }
     )

@@ -11,13 +11,18 @@ from .backbone import (
 )
 from .heads import PSPHead
 from .meta_arch import FCOS, ACAMDistiller, DistillOutput, RepPoints, build_student_cfg
+from .methods import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput, build_distill_method
 from .teacher import build_frozen_teacher, build_teacher_cfg
 
 __all__ = [
     "ACAMLevel",
     "ACAMOutput",
     "ACAMDistiller",
+    "DISTILL_METHOD_REGISTRY",
     "DistillOutput",
+    "LevelContext",
+    "LevelOutput",
+    "build_distill_method",
     "FCOS",
     "MobileNetV2Backbone",
     "PSPHead",

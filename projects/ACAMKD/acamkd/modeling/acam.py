@@ -1,6 +1,5 @@
 """ACAM: one level of ACAM-KD (alignment, STCA-FF, ASCM and the masked losses)."""
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from .acam_losses import (
     reverse_gradient,
 )
 from .ascm import AdaptiveSpatialChannelMasks
+from .methods.registry import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput
 from .stca_ff import ATTENTION_IMPLS, STCAFusion
 
 __all__ = ["ACAMLevel", "ACAMOutput", "MASK_KINDS", "MASK_SOURCES"]
@@ -31,30 +31,14 @@ MASK_KINDS = ("spatial_channel", "spatial", "channel", "none")
 MASK_SOURCES = ("fused", "teacher")
 
 
-@dataclass
-class ACAMOutput:
-    """
-    What one :class:`ACAMLevel` returns.
-
-    Attributes:
-        losses (dict[str, Tensor]): already weighted 0-dim losses "loss_acam_channel"
-            (alpha * Lc), "loss_acam_spatial" (alpha * Ls) and "loss_acam_diversity"
-            (lambda * L_div), each only for the masks that exist; with no masks, only
-            "loss_acam_mse" (alpha * ||D||^2 / (C*H*W)).
-        stats (dict[str, Tensor]): detached 0-dim statistics "spatial_mask_mean",
-            "spatial_mask_coverage", "spatial_mask_dice", "mask_discrepancy_corr" (with spatial
-            masks) and "channel_mask_mean", "channel_mask_coverage", "channel_mask_dice" (with
-            channel masks); empty with no masks.
-        masks (dict[str, Tensor] or None): only when asked for, detached: "spatial"
-            (B, M, H, W) and "channel" (B, M, C) where they exist, "fused" (B, C, H, W) what
-            ASCM read (the teacher feature for ``mask_source="teacher"``), "teacher"
-            (B, C, H, W), "student" (B, C, H, W) the aligned student ``f_align(S)``, and
-            "discrepancy" (B, H, W), the per-position ``sum_c D^2``.
-    """
-
-    losses: Dict[str, Tensor]
-    stats: Dict[str, Tensor]
-    masks: Optional[Dict[str, Tensor]]
+# What ACAMLevel returns. losses: already weighted 0-dim "loss_acam_channel" (alpha * Lc),
+# "loss_acam_spatial" (alpha * Ls) and "loss_acam_diversity" (lambda * L_div), each only for the
+# masks that exist; with no masks only "loss_acam_mse" (alpha * ||D||^2 / (C*H*W)). stats:
+# "spatial_mask_{mean,coverage,dice}" and "mask_discrepancy_corr" (with spatial masks),
+# "channel_mask_{mean,coverage,dice}" (with channel masks). masks, when asked for: "spatial"
+# (B, M, H, W), "channel" (B, M, C), "fused" (B, C, H, W) what ASCM read, "teacher", "student"
+# (the aligned f_align(S)) and "discrepancy" (B, H, W), the per-position sum_c D^2.
+ACAMOutput = LevelOutput
 
 
 def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
@@ -62,6 +46,7 @@ def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"MODEL.ACAMKD.{key} must be one of {tuple(allowed)}, got {value!r}")
 
 
+@DISTILL_METHOD_REGISTRY.register("ACAMKD")
 class ACAMLevel(nn.Module):
     """
     ACAM-KD on one feature level: aligns the student to the teacher's width, fuses the two with
@@ -212,11 +197,18 @@ class ACAMLevel(nn.Module):
             "attention": acam.ATTENTION,
         }
 
-    def forward(self, teacher: Tensor, student: Tensor, return_masks: bool = False) -> ACAMOutput:
+    def forward(
+        self,
+        teacher: Tensor,
+        student: Tensor,
+        context: Optional[LevelContext] = None,
+        return_masks: bool = False,
+    ) -> ACAMOutput:
         """
         Args:
             teacher (Tensor): (B, Ct, H, W) teacher feature (detached here).
             student (Tensor): (B, Cs, H, W) raw student feature on the teacher's grid.
+            context (LevelContext): unused (ACAM-KD reads no boxes).
             return_masks (bool): also return the detached masks, the fused, teacher and aligned
                 student features and the discrepancy.
 

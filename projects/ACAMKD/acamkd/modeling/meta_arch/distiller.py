@@ -1,4 +1,5 @@
-"""The distillation meta-architecture: a frozen teacher, a trained student, ACAM per level."""
+"""The distillation meta-architecture: a frozen teacher, a trained student, one distillation
+method's module (ACAM-KD by default) per level."""
 
 import contextlib
 import logging
@@ -15,7 +16,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import get_event_storage
 
 from ...checkpoint import TeacherWeights
-from ..acam import ACAMLevel, ACAMOutput
+from ..methods import LevelContext, LevelOutput, build_distill_method
 from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
 
 __all__ = ["ACAMDistiller", "DistillOutput", "build_student_cfg"]
@@ -39,15 +40,15 @@ class DistillOutput:
     Attributes:
         student (Any): the student's own output: in training its dict[str, Tensor] of task
             losses, in eval its predictions (detectron2's list of per-image dicts).
-        levels (dict[str, ACAMOutput]): distilled level name ("p3", ..., or "logits") -> the
-            level's ACAM losses, statistics and, if asked for, masks.
+        levels (dict[str, LevelOutput]): distilled level name ("p3", ..., or "logits") -> the
+            level's distillation losses, statistics and, if asked for, masks.
     """
 
     student: Any
-    levels: Dict[str, ACAMOutput]
+    levels: Dict[str, LevelOutput]
 
     def total_losses(self) -> Dict[str, Tensor]:
-        """The student's task losses plus each ACAM loss summed over the levels."""
+        """The student's task losses plus each distillation loss summed over the levels."""
         losses = dict(self.student)
         for out in self.levels.values():
             for name, value in out.losses.items():
@@ -90,12 +91,15 @@ def _current_storage():
 @META_ARCH_REGISTRY.register()
 class ACAMDistiller(nn.Module):
     """
-    Wraps a frozen teacher and a trained student (RetinaNet, GeneralizedRCNN, FCOS or
-    SemanticSegmentor) and adds one :class:`ACAMLevel` per distilled level.
+    Wraps a frozen teacher and a trained student (RetinaNet, GeneralizedRCNN, FCOS, RepPoints
+    or SemanticSegmentor) and adds one distillation module per distilled level: an
+    :class:`ACAMLevel` by default, or any method of
+    :data:`~acamkd.modeling.methods.DISTILL_METHOD_REGISTRY` (``MODEL.ACAMKD.METHOD``).
 
-    Training returns the student's own losses plus ``loss_acam_{channel,spatial,diversity}``
-    (summed over levels, already weighted); per-level mask statistics go to the event storage
-    under ``acam/<level>/...``. Eval returns exactly the student's outputs.
+    Training returns the student's own losses plus the method's (for ACAM-KD
+    ``loss_acam_{channel,spatial,diversity}``), summed over levels and already weighted;
+    per-level losses and statistics go to the event storage under ``acam/<level>/...``. Eval
+    returns exactly the student's outputs.
 
     Building it reads no weights: :class:`~acamkd.checkpoint.DistillationCheckpointer` loads
     the teacher's (:attr:`teacher_weights`) and applies the inheritance strategy when a run
@@ -119,8 +123,8 @@ class ACAMDistiller(nn.Module):
         Args:
             student (nn.Module): a detectron2 meta-architecture, trained.
             teacher (nn.Module): a detectron2 meta-architecture, frozen here.
-            acam (nn.ModuleDict): one :class:`ACAMLevel` per distilled level name ("p3", ...,
-                or "logits").
+            acam (nn.ModuleDict): one method module (e.g. :class:`ACAMLevel`) per distilled
+                level name ("p3", ..., or "logits").
             distill_target (str): "fpn" or "sem_seg_logits".
             student_input_format, teacher_input_format (str): "BGR" or "RGB" (INPUT.FORMAT of
                 each); the images given to the forward are in the student's format.
@@ -148,6 +152,7 @@ class ACAMDistiller(nn.Module):
         self.teacher_input_format = teacher_input_format
         self.logits_grid = logits_grid
         _check_tasks(student, teacher, distill_target)
+        _check_method_task(acam, distill_target)
         _check_levels(student, teacher, list(acam.keys()), distill_target)
         _check_channels(student, teacher, acam, distill_target)
         self.inherit_teacher = inherit_teacher
@@ -187,7 +192,7 @@ class ACAMDistiller(nn.Module):
             channels = {_LOGITS: (t_classes, s_classes)}
         acam = nn.ModuleDict(
             {
-                k: ACAMLevel(cfg, teacher_channels=ct, student_channels=cs)
+                k: build_distill_method(cfg, teacher_channels=ct, student_channels=cs)
                 for k, (ct, cs) in channels.items()
             }
         )
@@ -248,8 +253,8 @@ class ACAMDistiller(nn.Module):
         self, batched_inputs: List[Dict[str, object]], return_masks: bool = False
     ) -> DistillOutput:
         """
-        Run the student (in training with its task losses) and the teacher, then ACAM on
-        every level.
+        Run the student (in training with its task losses) and the teacher, then the
+        distillation method on every level.
 
         Args:
             return_masks (bool): keep each level's masks and maps in its output.
@@ -262,7 +267,8 @@ class ACAMDistiller(nn.Module):
         padded_hw = tuple(images["input"].shape[-2:])
         student_features = self._as_dict(student_record["output"])
         teacher_features = self.teacher_features(batched_inputs, padded_hw)
-        levels: Dict[str, ACAMOutput] = {}
+        context = _level_context(batched_inputs, padded_hw)
+        levels: Dict[str, LevelOutput] = {}
         for level, acam in self.acam.items():
             t, s = teacher_features[level], student_features[level]
             if self.distill_target == "sem_seg_logits":
@@ -274,21 +280,22 @@ class ACAMDistiller(nn.Module):
                     "backbones pad or stride differently; use the same FPN strides and "
                     "size divisibility for both."
                 )
-            levels[level] = acam(t, s, return_masks=return_masks)
+            levels[level] = acam(t, s, context=context, return_masks=return_masks)
             # Logged with the mask statistics; they name the culprit when a loss is not finite.
             levels[level].stats["teacher_feature_absmax"] = t.detach().abs().amax()
             levels[level].stats["student_feature_absmax"] = s.detach().abs().amax()
         return DistillOutput(student=student_output, levels=levels)
 
     @torch.no_grad()
-    def distill_features(self, batched_inputs: List[Dict[str, object]]) -> Dict[str, ACAMOutput]:
+    def distill_features(self, batched_inputs: List[Dict[str, object]]) -> Dict[str, LevelOutput]:
         """
-        ACAM on every level, with its masks, for images without annotations (visualisation):
-        the student runs its inference path, so neither its task losses nor ground truth are
-        needed, and its normalisation layers use their running statistics.
+        The distillation method on every level, with its masks, for images without annotations
+        (visualisation): the student runs its inference path, so neither its task losses nor
+        ground truth are needed (a method that reads boxes gets them where the inputs have
+        them), and its normalisation layers use their running statistics.
 
         Returns:
-            dict[str, ACAMOutput]: level name -> the level's output, masks included.
+            dict[str, LevelOutput]: level name -> the level's output, masks included.
         """
         was_training = self.student.training
         self.student.eval()
@@ -357,7 +364,7 @@ class ACAMDistiller(nn.Module):
     def _as_dict(features) -> Dict[str, Tensor]:
         return features if isinstance(features, dict) else {_LOGITS: features}
 
-    def _log_stats(self, outputs: Dict[str, ACAMOutput]) -> None:
+    def _log_stats(self, outputs: Dict[str, LevelOutput]) -> None:
         storage = _current_storage()
         if storage is None:
             return
@@ -367,7 +374,7 @@ class ACAMDistiller(nn.Module):
                 scalars[f"acam/{level}/{name}"] = float(value)
             for name, value in out.losses.items():
                 scalars[f"acam/{level}/{name}"] = float(value.detach())
-        # Each level's part of the total ACAM loss (all levels, all three terms): the shares
+        # Each level's part of the total distillation loss (all levels, all three terms): the shares
         # sum to 1 and show which level and which term drive the distillation.
         losses = {
             (level, name): scalars[f"acam/{level}/{name}"]
@@ -379,6 +386,27 @@ class ACAMDistiller(nn.Module):
             for (level, name), value in losses.items():
                 scalars[f"acam/{level}/share_{name.replace('loss_acam_', '')}"] = value / total
         storage.put_scalars(**scalars)
+
+
+def _level_context(batched_inputs: List[Dict[str, object]], padded_hw: tuple) -> LevelContext:
+    """The image sizes and, where the inputs carry them, the ground-truth boxes of a batch."""
+    sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+    boxes = None
+    if all("instances" in x for x in batched_inputs):
+        boxes = [x["instances"].gt_boxes.tensor for x in batched_inputs]
+    return LevelContext(padded_hw=tuple(padded_hw), image_sizes=sizes, gt_boxes=boxes)
+
+
+def _check_method_task(levels: nn.ModuleDict, target: str) -> None:
+    """A method that reads ground-truth boxes (``needs_boxes``) distils detection FPN levels."""
+    for module in levels.values():
+        if getattr(module, "needs_boxes", False) and target != "fpn":
+            raise ValueError(
+                f"The distillation method {type(module).__name__} needs each image's "
+                "ground-truth boxes at each FPN level's stride, which a semantic-segmentation "
+                f"student (MODEL.ACAMKD.DISTILL_TARGET {target!r}) does not have: choose "
+                "another MODEL.ACAMKD.METHOD (MSE, MGD, CWD, PKD, MasKD or ACAMKD)."
+            )
 
 
 def _check_teacher_crop(scfg: CfgNode, tcfg: CfgNode, teacher: nn.Module) -> None:

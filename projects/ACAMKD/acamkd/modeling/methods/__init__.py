@@ -1,0 +1,23 @@
+"""Distillation methods: ACAM-KD's rivals and plain MSE, one registry (MODEL.ACAMKD.METHOD)."""
+
+# Importing the method modules registers them; ACAM-KD itself (ACAMLevel, "ACAMKD") registers
+# from modeling/acam.py.
+from .mse import FeatureMSE
+from .registry import (
+    DISTILL_METHOD_REGISTRY,
+    LevelContext,
+    LevelOutput,
+    build_distill_method,
+    family_setting,
+    method_names,
+)
+
+__all__ = [
+    "DISTILL_METHOD_REGISTRY",
+    "FeatureMSE",
+    "LevelContext",
+    "LevelOutput",
+    "build_distill_method",
+    "family_setting",
+    "method_names",
+]
