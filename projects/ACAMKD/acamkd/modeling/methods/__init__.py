@@ -2,7 +2,10 @@
 
 # Importing the method modules registers them; ACAM-KD itself (ACAMLevel, "ACAMKD") registers
 # from modeling/acam.py.
+from .cwd import CWD
+from .mgd import MGD
 from .mse import FeatureMSE
+from .pkd import PKD
 from .registry import (
     DISTILL_METHOD_REGISTRY,
     LevelContext,
@@ -13,7 +16,10 @@ from .registry import (
 )
 
 __all__ = [
+    "CWD",
     "DISTILL_METHOD_REGISTRY",
+    "MGD",
+    "PKD",
     "FeatureMSE",
     "LevelContext",
     "LevelOutput",

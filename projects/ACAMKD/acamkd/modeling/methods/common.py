@@ -1,8 +1,14 @@
-"""Pieces every distillation method shares: the student's alignment and the input checks."""
+"""Pieces the distillation methods share: the student's alignment, the input checks and the
+frame of a loss on the teacher feature and the aligned student."""
 
+from typing import Dict, Optional, Tuple
+
+import torch
 from torch import Tensor, nn
 
-__all__ = ["alignment", "check_level_inputs"]
+from .registry import LevelContext, LevelOutput
+
+__all__ = ["AlignedFeatureLoss", "alignment", "check_level_inputs"]
 
 
 def alignment(student_channels: int, teacher_channels: int, always: bool) -> nn.Module:
@@ -49,3 +55,74 @@ def check_level_inputs(
             f"{name}: expected {teacher_channels} teacher and {student_channels} student "
             f"channels, got {tc} and {sc}"
         )
+
+
+def _full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it is."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class AlignedFeatureLoss(nn.Module):
+    """
+    The frame of a method whose loss reads only the teacher feature and the aligned student:
+    checks the inputs, detaches the teacher, aligns the student, computes :meth:`level_losses`
+    in float32 (also under autocast) and, if asked for, returns the maps a figure shows.
+    Subclasses set ``method_name`` and implement :meth:`level_losses`.
+    """
+
+    method_name = ""
+
+    def __init__(self, teacher_channels: int, student_channels: int, align_always: bool):
+        super().__init__()
+        if teacher_channels < 1 or student_channels < 1:
+            raise ValueError(
+                f"{type(self).__name__}: teacher_channels and student_channels must be >= 1, "
+                f"got {teacher_channels} and {student_channels}"
+            )
+        self.teacher_channels = teacher_channels
+        self.student_channels = student_channels
+        self.align = alignment(student_channels, teacher_channels, align_always)
+
+    def level_losses(self, teacher: Tensor, aligned: Tensor) -> Tuple[Dict[str, Tensor], Dict]:
+        """
+        Args:
+            teacher (Tensor): (B, C, H, W) float32 (or float64), detached.
+            aligned (Tensor): (B, C, H, W) the aligned student, same dtype.
+
+        Returns:
+            tuple: (weighted 0-dim losses by name, detached 0-dim statistics by name).
+        """
+        raise NotImplementedError
+
+    def forward(
+        self,
+        teacher: Tensor,
+        student: Tensor,
+        context: Optional[LevelContext] = None,
+        return_masks: bool = False,
+    ) -> LevelOutput:
+        """
+        Args:
+            teacher (Tensor): (B, Ct, H, W), detached here.
+            student (Tensor): (B, Cs, H, W) raw student feature on the teacher's grid.
+            context (LevelContext): unused.
+            return_masks (bool): also return the teacher, the aligned student and the
+                per-position discrepancy ``sum_c (T - f_align(S))^2`` (B, H, W).
+
+        Returns:
+            LevelOutput: the method's losses and statistics.
+        """
+        name = type(self).__name__
+        check_level_inputs(name, teacher, student, self.teacher_channels, self.student_channels)
+        teacher = teacher.detach()
+        aligned = self.align(student)
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            losses, stats = self.level_losses(_full_precision(teacher), _full_precision(aligned))
+        maps = None
+        if return_masks:
+            maps = {
+                "teacher": teacher,
+                "student": aligned.detach(),
+                "discrepancy": (teacher - aligned.detach()).float().square().sum(dim=1),
+            }
+        return LevelOutput(losses=losses, stats=stats, masks=maps)
