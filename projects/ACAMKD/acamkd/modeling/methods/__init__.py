@@ -3,6 +3,7 @@
 # Importing the method modules registers them; ACAM-KD itself (ACAMLevel, "ACAMKD") registers
 # from modeling/acam.py.
 from .cwd import CWD
+from .fgd import FGD
 from .mgd import MGD
 from .mse import FeatureMSE
 from .pkd import PKD
@@ -20,6 +21,7 @@ __all__ = [
     "DISTILL_METHOD_REGISTRY",
     "MGD",
     "PKD",
+    "FGD",
     "FeatureMSE",
     "LevelContext",
     "LevelOutput",
