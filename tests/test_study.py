@@ -304,3 +304,62 @@ def test_table_only_trains_nothing_and_tables_the_finished_runs(tmp_path, monkey
     assert [r["variant"] for r in study["variants"]] == ["baseline"]
     table = open(os.path.join(out, "study.md")).read()
     assert "| baseline | 2 | 10.00 ± 0.00 |" in table and "sum_sq" not in table
+
+
+def test_methods_set_keys_each_method_by_its_own_settings():
+    rows = {v.name: v for v in VARIANT_SETS["methods"]}
+    assert list(rows) == [
+        "baseline", "mse", "fgd", "mgd", "cwd", "pkd", "maskd", "acamkd",
+        "acamkd_teacher_adaptive",
+    ]  # fmt: skip
+    spec = _spec(acam={"NORMALIZER": "sum", "MASKD.TOKENS": "/tmp/tokens.pth"})
+    fgd = make_stage(spec, rows["fgd"], 0)
+    # A rival's run states its method and none of ACAM-KD's keys or other methods' tokens.
+    assert fgd.opts[fgd.opts.index("MODEL.ACAMKD.METHOD") + 1] == "FGD"
+    assert not any(k in fgd.opts for k in ("MODEL.ACAMKD.NORMALIZER", "MODEL.ACAMKD.MASKS"))
+    assert "MODEL.ACAMKD.MASKD.TOKENS" not in fgd.opts
+    maskd = make_stage(spec, rows["maskd"], 0)
+    assert maskd.opts[maskd.opts.index("MODEL.ACAMKD.MASKD.TOKENS") + 1] == "/tmp/tokens.pth"
+    mse = make_stage(spec, Variant("mse_w2", {"METHOD": "MSE", "LOSS_WEIGHT": "2.0"}), 0)
+    assert mse.opts[mse.opts.index("MODEL.ACAMKD.LOSS_WEIGHT") + 1] == "2.0"
+    # ACAM-KD's rows keep the keys they had before METHOD existed: "acamkd" states the
+    # defaults in full and is the objective study's sum_sq row.
+    sum_sq = next(v for v in VARIANT_SETS["objective"] if v.name == "sum_sq")
+    assert make_stage(_spec(), rows["acamkd"], 0).name == make_stage(_spec(), sum_sq, 0).name
+    assert "MODEL.ACAMKD.METHOD" not in make_stage(_spec(), rows["acamkd"], 0).opts
+    assert len({make_stage(spec, v, 0).name for v in rows.values()}) == len(rows)
+
+
+def test_methods_study_leaves_fgd_out_of_segmentation_and_needs_maskd_tokens():
+    from acamkd.study import applicable_variants
+
+    seg = "configs/Streets-SemanticSegmentation"
+    spec = _spec(
+        config=f"{seg}/acamkd_deeplabv3_R_18_OS8_from_deeplabv3_R_18_wide_OS8_streets.yaml",
+        variants=[v for v in VARIANT_SETS["methods"] if v.name != "maskd"],
+    )
+    names = [v.name for v in applicable_variants(spec)]
+    assert "fgd" not in names and "mgd" in names and "acamkd" in names
+    det = _spec(variants=list(VARIANT_SETS["methods"]))
+    with pytest.raises(ValueError, match=r"MASKD.TOKENS=<its model_final.pth>"):
+        applicable_variants(det)
+    det = _spec(variants=list(VARIANT_SETS["methods"]), acam={"MASKD.TOKENS": "/tmp/t.pth"})
+    assert "fgd" in [v.name for v in applicable_variants(det)]
+
+
+def test_study_tool_evaluates_the_teacher_with_its_overrides(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "study_tool", os.path.join(REPO, "tools/study.py")
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = os.path.join(REPO, DET, "acamkd_fcos_R_18_from_fcos_R_18_wide_streets.yaml")
+    args = tool.get_parser().parse_args(
+        ["--config-file", config, "--output-dir", str(tmp_path), "--set", "methods"]
+        + ["MODEL.ACAMKD.TEACHER.OPTS", "['MODEL.RETINANET.NUM_CONVS', '4']"]
+    )
+    teacher_config, teacher_opts = tool._teacher_config(args)
+    assert teacher_config.endswith("fcos_R_18_FPN_wide_streets.yaml")
+    assert teacher_opts[-2:] == ["MODEL.RETINANET.NUM_CONVS", "4"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """
-Variants x seeds study of a distillation config: which ACAM-KD settings make the student better?
+Variants x seeds study of a distillation config: which ACAM-KD settings, or which distillation
+method, make the student better?
 
 Trains every (variant, seed) with train_net.py, evaluates each with the dataset's evaluator and
 writes study.md, study.json and study.png (mean ± std over seeds per variant, difference to the
@@ -86,16 +87,19 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _teacher_config(args) -> str:
+def _teacher_config(args):
+    """The teacher's config and its overrides: --teacher-config as it is, or the distillation
+    config's MODEL.ACAMKD.TEACHER.CONFIG_FILE with its TEACHER.OPTS (and the study's own)."""
     if args.teacher_config:
-        return args.teacher_config
+        return args.teacher_config, []
     if args.config_file.endswith(".py"):
         raise SystemExit("A .py config needs --teacher-config for the table's teacher row.")
     from acamkd import get_acamkd_cfg
 
     cfg = get_acamkd_cfg()
     cfg.merge_from_file(args.config_file)
-    return cfg.MODEL.ACAMKD.TEACHER.CONFIG_FILE
+    cfg.merge_from_list(args.opts)
+    return cfg.MODEL.ACAMKD.TEACHER.CONFIG_FILE, list(cfg.MODEL.ACAMKD.TEACHER.OPTS)
 
 
 def main() -> None:
@@ -111,11 +115,13 @@ def main() -> None:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"--acam {item!r} is not KEY=VALUE.")
-        acam[key.upper().removeprefix("MODEL.ACAMKD.")] = value
-    teacher_config = _teacher_config(args)
+        key = key.upper().removeprefix("MODEL.ACAMKD.")
+        # A file the runs read: absolute, as they run from the repository's root.
+        acam[key] = os.path.abspath(value) if key == "MASKD.TOKENS" and value else value
+    teacher_config, teacher_opts = _teacher_config(args)
     teacher_weights = args.teacher_weights
     if args.train_teacher:
-        Stage("teacher", teacher_config, [], args.num_gpus).run(args.output_dir)
+        Stage("teacher", teacher_config, teacher_opts, args.num_gpus).run(args.output_dir)
         teacher_weights = os.path.join(args.output_dir, "teacher", "model_final.pth")
     if not teacher_weights and not all(v.student_only for v in variants):
         raise SystemExit("Give --teacher-weights, or --train-teacher to train one first.")
@@ -125,6 +131,7 @@ def main() -> None:
         seeds=args.seeds,
         teacher_weights=teacher_weights,
         teacher_config=teacher_config,
+        teacher_opts=teacher_opts,
         acam=acam,
         opts=args.opts,
         baseline_config=args.baseline_config,

@@ -2,7 +2,8 @@
 A variants-by-seeds study: train every (variant, seed) of a distillation config with
 ``train_net.py``, evaluate each, and tabulate mean and spread per variant.
 
-A variant is a set of ``MODEL.ACAMKD`` settings (the baseline is the student trained alone).
+A variant is a set of ``MODEL.ACAMKD`` settings (the baseline is the student trained alone): an
+ACAM-KD reading, or another distillation method (``METHOD``).
 Runs are keyed by what they train (config, effective settings, seed, common overrides), not by
 the variant's name, so a run shared by two studies (the baseline, "no mask", the full method
 under the chosen objective) is trained once and reused. Every run is a resumable
@@ -49,6 +50,11 @@ _MASK_KEYS = (
     "MASK_SOURCE",
 )
 _FUSION_KEYS = ("QUERY_SOURCE", "QUERY_CHANNEL_RATIO", "DETACH_STUDENT_IN_MASKS")
+# Keys only ACAM-KD reads (plain MSE reads LOSS_WEIGHT and ALIGN too), and the config nodes of
+# the other methods: a run of one method is keyed without the others' keys.
+_ACAM_ONLY_KEYS = _MASK_KEYS + _FUSION_KEYS + ("MASKS", "ATTENTION", "LOSS_WEIGHT", "ALIGN")
+_MSE_KEYS = ("LOSS_WEIGHT", "ALIGN")
+_METHOD_NODES = ("FGD", "MGD", "CWD", "PKD", "MASKD")
 # The keys the built-in variants set. A YAML study writes each of them out with its resolved
 # value, so that a run's key and command say what it trains whatever the defaults of the day
 # (a run keeps its key when a default changes, and "full" under the defaults is the same run as
@@ -84,6 +90,9 @@ class Variant:
 
 _BASELINE = Variant("baseline", student_only=True)
 _NO_MASK = Variant("no_mask", {"MASKS": "none"})
+# ACAM-KD's rows in the methods study, stated in full (the defaults of the day may change).
+_ACAMKD_DEFAULT = {"METHOD": "ACAMKD", "MASKS": "spatial_channel", "MASK_SOURCE": "fused"}
+_ACAMKD_DEFAULT.update({"MASK_OBJECTIVE": "descend", "NORMALIZER": "sum_sq"})
 VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
     # The paper's ablation rows (RetinaNet R101 -> R50 COCO in the paper), each on top of the
     # study's common settings (e.g. the objective chosen by the "objective" study).
@@ -109,6 +118,20 @@ VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
             "detach",
             {"MASK_OBJECTIVE": "descend", "NORMALIZER": "sum", "DETACH_STUDENT_IN_MASKS": "True"},
         ),
+    ),
+    # ACAM-KD against its rivals, each at its authors' settings for the student's family. The
+    # MasKD row needs stage 1's tokens (MASKD.TOKENS in the study's --acam settings); rows of a
+    # method that reads boxes (FGD) are left out of a segmentation study.
+    "methods": (
+        _BASELINE,
+        Variant("mse", {"METHOD": "MSE"}),
+        Variant("fgd", {"METHOD": "FGD"}),
+        Variant("mgd", {"METHOD": "MGD"}),
+        Variant("cwd", {"METHOD": "CWD"}),
+        Variant("pkd", {"METHOD": "PKD"}),
+        Variant("maskd", {"METHOD": "MasKD"}),
+        Variant("acamkd", _ACAMKD_DEFAULT),
+        Variant("acamkd_teacher_adaptive", {**_ACAMKD_DEFAULT, "MASK_SOURCE": "teacher"}),
     ),
 }
 
@@ -150,6 +173,8 @@ class StudySpec:
         seeds (list[int]): every variant is trained once per seed.
         teacher_weights (str): the teacher's checkpoint given to every distilled run.
         teacher_config (str): the teacher's own config (evaluated for the table's teacher row).
+        teacher_opts (list[str]): overrides of the teacher's config (its TEACHER.OPTS), applied
+            when it is evaluated.
         acam (dict[str, str]): ``MODEL.ACAMKD`` settings common to every distilled variant.
         opts (list[str]): overrides of every run (teacher excluded), in the config's syntax.
         baseline_config (str): the student's config for the baseline; "" derives it from a
@@ -162,6 +187,7 @@ class StudySpec:
     seeds: Sequence[int]
     teacher_weights: str
     teacher_config: str
+    teacher_opts: Sequence[str] = ()
     acam: Mapping[str, str] = field(default_factory=dict)
     opts: Sequence[str] = ()
     baseline_config: str = ""
@@ -194,14 +220,21 @@ def _effective_acam(spec: StudySpec, variant: Variant) -> Dict[str, str]:
         from detectron2.config import CfgNode
 
         node = _yaml_cfg(spec).MODEL.ACAMKD
-        resolved = {k: node[k] for k in _STATED_KEYS}
+        resolved = {k: node[k] for k in _STATED_KEYS + ("METHOD",)}
         resolved.update({k: CfgNode._decode_cfg_value(v) for k, v in acam.items()})
         acam = {k: v if isinstance(v, str) else repr(v) for k, v in resolved.items()}
-    drop = set()
-    if acam.get("MASKS") == "none":
-        drop.update(_MASK_KEYS + _FUSION_KEYS)
-    elif acam.get("MASK_SOURCE") == "teacher":
-        drop.update(_FUSION_KEYS)
+    method = acam.get("METHOD", "ACAMKD")
+    drop = {
+        k for k in acam if k.split(".")[0] in _METHOD_NODES and k.split(".")[0] != method.upper()
+    }
+    if method == "ACAMKD":
+        drop.add("METHOD")  # ACAM-KD runs keep the keys they had before METHOD existed
+        if acam.get("MASKS") == "none":
+            drop.update(_MASK_KEYS + _FUSION_KEYS)
+        elif acam.get("MASK_SOURCE") == "teacher":
+            drop.update(_FUSION_KEYS)
+    else:
+        drop.update(k for k in _ACAM_ONLY_KEYS if not (method == "MSE" and k in _MSE_KEYS))
     return {k: v for k, v in sorted(acam.items()) if k not in drop}
 
 
@@ -240,6 +273,44 @@ def make_stage(spec: StudySpec, variant: Variant, seed: int) -> Stage:
     identity = json.dumps({"config": config, "opts": opts}, sort_keys=True)
     key = hashlib.sha1(identity.encode()).hexdigest()[:10]
     return Stage(os.path.join("runs", f"{key}"), config, opts, spec.num_gpus)
+
+
+def applicable_variants(spec: StudySpec) -> List[Variant]:
+    """
+    The variants the study's config can train: a method that reads ground-truth boxes (FGD) is
+    left out, with a log line, of a study that distils segmentation logits. A MasKD row without
+    stage 1's tokens is an error before anything trains.
+    """
+    from .modeling.methods import DISTILL_METHOD_REGISTRY
+
+    target = "fpn" if spec.is_lazy else _yaml_cfg(spec).MODEL.ACAMKD.DISTILL_TARGET
+    kept = []
+    for variant in spec.variants:
+        acam = _effective_acam(spec, variant)
+        method = acam.get("METHOD", "ACAMKD")
+        needs_boxes = method in DISTILL_METHOD_REGISTRY and getattr(
+            DISTILL_METHOD_REGISTRY.get(method), "needs_boxes", False
+        )
+        if needs_boxes and target != "fpn":
+            logger.info(
+                "Study: row %r (METHOD %s) left out: it needs ground-truth boxes, and this "
+                "study distils %s.",
+                variant.name,
+                method,
+                target,
+            )
+            continue
+        tokens = acam.get("MASKD.TOKENS") or (
+            "" if spec.is_lazy else _yaml_cfg(spec).MODEL.ACAMKD.MASKD.TOKENS
+        )
+        if method == "MasKD" and not tokens:
+            raise ValueError(
+                f"Study row {variant.name!r} distils with MasKD, which needs the tokens of its "
+                "first stage: train a MasKDTokenLearner config (configs/*/maskd_tokens_*.yaml) "
+                "with the study's teacher, then give --acam MASKD.TOKENS=<its model_final.pth>."
+            )
+        kept.append(variant)
+    return kept
 
 
 def _mask_summary(final_stats: Mapping[str, float]) -> Dict[str, float]:
@@ -305,14 +376,15 @@ def run_study(
         "seeds"; and "trained_now", the number of runs this call trained or resumed.
     """
     os.makedirs(output_dir, exist_ok=True)
+    variants = applicable_variants(spec)
     # Seed-major: a study stopped early has every variant at the same number of seeds.
-    jobs = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in spec.variants]
+    jobs = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in variants]
     unfinished = [job for job in jobs if not job[2].is_finished(output_dir)]
     todo = unfinished if train else []
     finished = {stage.name for _, _, stage in jobs} - {stage.name for _, _, stage in unfinished}
     logger.info(
         "Study: %d variants x %d seeds = %d runs, %d already finished.",
-        len(spec.variants),
+        len(variants),
         len(spec.seeds),
         len(jobs),
         len(jobs) - len(unfinished),
@@ -385,7 +457,7 @@ def _evaluate_teacher(spec: StudySpec, output_dir: str) -> Dict:
     from .compare import ModelSpec, evaluate_model  # noqa: F811
 
     return evaluate_model(
-        ModelSpec("teacher", spec.teacher_config, spec.teacher_weights),
+        ModelSpec("teacher", spec.teacher_config, spec.teacher_weights, list(spec.teacher_opts)),
         output_dir=os.path.join(output_dir, "teacher_eval"),
     )
 

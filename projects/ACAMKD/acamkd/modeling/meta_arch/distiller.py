@@ -384,7 +384,9 @@ class ACAMDistiller(nn.Module):
         total = sum(losses.values())
         if total > 0:
             for (level, name), value in losses.items():
-                scalars[f"acam/{level}/share_{name.replace('loss_acam_', '')}"] = value / total
+                scalars[
+                    f"acam/{level}/share_{name.removeprefix('loss_acam_').removeprefix('loss_')}"
+                ] = (value / total)
         storage.put_scalars(**scalars)
 
 
