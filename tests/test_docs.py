@@ -189,13 +189,14 @@ def test_readme_links_the_method_doc():
     assert "](docs/METHOD.md)" in _read_text("README.md")
 
 
-def _readme_layout() -> str:
-    """The README's "Repository layout" section."""
-    return _read_text("README.md").split("## Repository layout\n", 1)[1].split("\n## ", 1)[0]
+def _layout() -> str:
+    """The "Repository layout" section of docs/LAYOUT.md."""
+    text = _read_text(os.path.join("docs", "LAYOUT.md"))
+    return text.split("## Repository layout\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_readme_layout_names_every_module_and_tool():
-    layout = _readme_layout()
+def test_layout_page_names_every_module_and_tool():
+    layout = _layout()
     package = "projects/ACAMKD/acamkd/"
     missing = []
     for f in _repo_files():
@@ -209,4 +210,54 @@ def test_readme_layout_names_every_module_and_tool():
                 missing.append(f)
         elif f.startswith("tools/") and os.path.basename(f) not in layout:
             missing.append(f)
-    assert not missing, f"README's 'Repository layout' does not list {missing}"
+    assert not missing, f"docs/LAYOUT.md's 'Repository layout' does not list {missing}"
+
+
+# The README is for users: what the project is, how to run it, where the rest is. Studies, lab
+# notes and details live in docs/ and are linked from it.
+README_MAX_LINES = 300
+
+
+def test_readme_is_short():
+    lines = _read_text("README.md").splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move details to a page "
+        "under docs/ and link it"
+    )
+
+
+def _docs_pages() -> List[str]:
+    """The Markdown pages directly under docs/."""
+    return [f for f in _repo_files() if re.fullmatch(r"docs/[^/]+\.md", f)]
+
+
+def test_readme_links_every_docs_page():
+    readme_links = markdown_links(_read_text("README.md"))
+    links = {os.path.normpath(t.split("#", 1)[0]) for t in readme_links}
+    pages = _docs_pages()
+    assert "docs/STUDIES.md" in pages
+    unlinked = [p for p in pages if os.path.normpath(p) not in links]
+    assert not unlinked, f"README.md does not link {unlinked}"
+
+
+def test_every_figure_is_shown_by_a_page():
+    # Pages in docs/ link figures as figures/x.png (resolved by the link test); none is orphaned.
+    figures = {f for f in _repo_files() if f.startswith("docs/figures/")}
+    shown = set()
+    for md in [f for f in _repo_files() if f.lower().endswith(".md")]:
+        for target in markdown_links(_read_text(md) or ""):
+            path = os.path.normpath(os.path.join(os.path.dirname(md), target.split("#", 1)[0]))
+            if path in figures:
+                shown.add(path)
+    assert figures and not (figures - shown), f"figures no page shows: {sorted(figures - shown)}"
+
+
+def test_readme_and_docs_state_facts_not_issue_history():
+    # "the code before issue 16" tells a user nothing: say which setting, not when.
+    pattern = re.compile(r"\bissues? #?\d+", re.IGNORECASE)
+    bad = []
+    for md in ["README.md"] + _docs_pages():
+        for number, line in enumerate(_read_text(md).splitlines(), 1):
+            if pattern.search(line):
+                bad.append(f"{md}:{number}: {line.strip()}")
+    assert not bad, "issue numbers in the documentation:\n" + "\n".join(bad)
