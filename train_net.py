@@ -20,6 +20,13 @@ Datasets: detectron2's builtin names (``coco_2017_train``, ``cityscapes_fine_sem
 ...) under ``$DETECTRON2_DATASETS``, the project's generated ``streets_*`` sets, or your own COCO
 data with ``--register-coco NAME JSON IMAGE_DIR``.
 """
+import warnings
+
+# detectron2, fvcore and timm decorate functions with torch.jit.script (or .interface) as they
+# are imported, and this torch marks both deprecated: a FutureWarning per function that a user
+# cannot act on. Only those are silenced, before the imports that raise them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
+
 import logging
 
 from detectron2.config import CfgNode

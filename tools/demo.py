@@ -14,6 +14,13 @@ DeepLabV3 on the Cityscapes-layout copy of the scenes (mIoU):
 
     python tools/demo.py --task segmentation --output-dir output/demo_seg
 """
+import warnings
+
+# detectron2, fvcore and timm decorate functions with torch.jit.script (or .interface) as they
+# are imported, and this torch marks both deprecated: a FutureWarning per function that a user
+# cannot act on. Only those are silenced, before the imports that raise them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
+
 import argparse
 import logging
 import shlex

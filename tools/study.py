@@ -27,6 +27,13 @@ OUTPUT_DIR output/retinanet_teacher`):
     python tools/study.py --variant baseline --variant full --variant m4:NUM_MASKS=4 ... \\
         SOLVER.MAX_ITER 1000
 """
+import warnings
+
+# detectron2, fvcore and timm decorate functions with torch.jit.script (or .interface) as they
+# are imported, and this torch marks both deprecated: a FutureWarning per function that a user
+# cannot act on. Only those are silenced, before the imports that raise them.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
+
 import argparse
 import logging
 import os
