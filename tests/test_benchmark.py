@@ -97,3 +97,31 @@ def test_benchmark_step_interleaves_implementations_on_one_student_step(interlea
     assert acam and set(after["losses"]) == set(before["losses"])
     for k in acam:
         assert abs(after["losses"][k] - before["losses"][k]) <= 1e-4 * abs(after["losses"][k]), k
+
+
+def test_benchmark_step_interleaves_distillation_methods_on_one_model(tmp_path):
+    stdout, results = _run_tool(tmp_path, ["MSE", "FGD", "CWD", "ACAMKD"], repeats=1)
+    assert list(results) == ["MSE", "FGD", "CWD", "ACAMKD"]
+    shared = results["MSE"]["times_s"]["student_step"]
+    expected = {
+        "MSE": {"loss_mse"},
+        "FGD": {"loss_fgd_fg", "loss_fgd_bg", "loss_fgd_attention", "loss_fgd_global"},
+        "CWD": {"loss_cwd"},
+        "ACAMKD": {"loss_acam_channel", "loss_acam_spatial", "loss_acam_diversity"},
+    }
+    for method, keys in expected.items():
+        r = results[method]
+        assert r["times_s"]["student_step"] == shared  # one student step per round, shared
+        distill_losses = {k for k in r["losses"] if k not in ("loss_cls", "loss_box_reg")}
+        assert distill_losses == keys, method
+        assert r["losses_finite"] and set(r["levels"]) == {"p3", "p4"}
+    assert results["ACAMKD"]["attention"] == "chunked" and results["MSE"]["attention"] is None
+    config = "configs/Streets-Detection/acamkd_fcos_R_18_from_fcos_R_18_wide_streets.yaml"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "benchmark_step.py")]
+        + ["--config-file", config, "--impl", "NOPE"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode != 0 and "impls must be among" in proc.stderr

@@ -14,6 +14,11 @@ Usage:
     # --impl before after: this code and the one before issue 16 (SDPA heads, teacher under
     # no_grad), interleaved in one process on one model; --impl after (default): this code only
     # on a GPU: --device cuda [--amp fp16|bf16]
+    # the distillation methods interleaved on one student, teacher and batch:
+    python tools/benchmark_step.py \\
+        --config-file configs/COCO-Detection/acamkd_retinanet_R_50_from_R_101_FPN_2x.yaml \\
+        --batch 2 --height 640 --width 640 --impl MSE FGD MGD CWD PKD ACAMKD \\
+        --output output/benchmark_step/methods_640.json
 """
 import argparse
 import json
@@ -21,7 +26,7 @@ import os
 
 import torch
 
-from acamkd.benchmark import IMPLS, benchmark_step, format_report
+from acamkd.benchmark import benchmark_step, format_report
 
 
 def main() -> None:
@@ -34,10 +39,10 @@ def main() -> None:
     parser.add_argument(
         "--impl",
         nargs="+",
-        choices=IMPLS,
         default=["after"],
         help="after: this code; before: STCA-FF via SDPA heads and the teacher under no_grad; "
-        "several are interleaved in one process",
+        "a MODEL.ACAMKD.METHOD name (MSE, FGD, ...): that method's level modules on the same "
+        "student and teacher; several are interleaved in one process",
     )
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")

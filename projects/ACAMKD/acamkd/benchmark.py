@@ -28,6 +28,10 @@ Given both, one model runs both, switched in place, and every round times the sh
 step once and each implementation's teacher forward, distillation step and levels in turn: the
 machine's speed, which varies between processes on a shared virtual machine, is then the same
 for both.
+
+Any other implementation name is a distillation method (``MODEL.ACAMKD.METHOD``: "MSE",
+"FGD", ...): its level modules are built for the same levels and widths and swapped into the
+same distiller, so every method is timed on the same student, teacher and batch, interleaved.
 """
 
 import contextlib
@@ -49,7 +53,13 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from .modeling.meta_arch.distiller import _FEATURE_MODULE, ACAMDistiller, _capture_output
+from .modeling.meta_arch.distiller import (
+    _FEATURE_MODULE,
+    ACAMDistiller,
+    _capture_output,
+    _level_context,
+)
+from .modeling.methods import DISTILL_METHOD_REGISTRY, LevelContext, build_distill_method
 from .modeling.teacher import get_acamkd_cfg
 
 __all__ = ["IMPLS", "benchmark_step", "build_benchmark_cfg", "synthetic_batch", "format_report"]
@@ -155,10 +165,41 @@ def _teacher_features_no_grad(
         return self._as_dict(record["output"])
 
 
+def _method_levels(cfg: CfgNode, model: ACAMDistiller, device, methods: Sequence[str]):
+    """Per distillation method, its level modules for the distiller's levels and widths."""
+    out = {}
+    for method in methods:
+        mcfg = cfg.clone()
+        mcfg.defrost()
+        mcfg.MODEL.ACAMKD.METHOD = method
+        out[method] = nn.ModuleDict(
+            {
+                name: build_distill_method(
+                    mcfg,
+                    teacher_channels=level.teacher_channels,
+                    student_channels=level.student_channels,
+                )
+                for name, level in model.acam.items()
+            }
+        ).to(device)
+    return out
+
+
 @contextlib.contextmanager
-def _implementation(model: ACAMDistiller, impl: str) -> Iterator[None]:
-    """Run ``model`` as ``impl`` ("after": as built; "before": see the module docstring)."""
-    fusions = [m.fusion for m in model.acam.values() if m.fusion is not None]
+def _implementation(
+    model: ACAMDistiller, impl: str, methods: Dict[str, nn.ModuleDict]
+) -> Iterator[None]:
+    """Run ``model`` as ``impl`` ("after": as built; "before": see the module docstring; a
+    method name: with that method's level modules in place of the distiller's)."""
+    if impl in methods:
+        built = model.acam
+        model.acam = methods[impl]
+        try:
+            yield
+        finally:
+            model.acam = built
+        return
+    fusions = [m.fusion for m in model.acam.values() if getattr(m, "fusion", None) is not None]
     attentions = [f.attention for f in fusions]
     if impl == "before":
         for fusion in fusions:
@@ -268,8 +309,9 @@ def benchmark_step(
         batch (int): images per step.
         height, width (int): image size (padded by the model to its size divisibility).
         device (str): "cpu" or "cuda".
-        impls (list[str]): among "after" (this implementation) and "before" (see the module
-            docstring), timed in turn within every round.
+        impls (list[str]): among "after" (this implementation), "before" (see the module
+            docstring) and names of distillation methods ("MSE", "FGD", ...), timed in turn
+            within every round.
         rounds (int): interleaved rounds; each runs every part ``repeats`` times.
         repeats (int): timed runs of each part per round.
         warmup (int): untimed runs of each part before the first round.
@@ -288,8 +330,9 @@ def benchmark_step(
     if amp not in ("none", "fp16", "bf16"):
         raise ValueError(f"amp must be 'none', 'fp16' or 'bf16', got {amp!r}")
     impls = list(dict.fromkeys(impls))
-    if not impls or any(impl not in IMPLS for impl in impls):
-        raise ValueError(f"impls must be among {IMPLS}, got {impls}")
+    known = IMPLS + tuple(name for name, _ in DISTILL_METHOD_REGISTRY)
+    if not impls or any(impl not in known for impl in impls):
+        raise ValueError(f"impls must be among {sorted(known)}, got {impls}")
     torch.manual_seed(seed)
     cfg = build_benchmark_cfg(config_file, opts, device)
     dev = torch.device(device)
@@ -297,21 +340,26 @@ def benchmark_step(
     with EventStorage(0):
         model = build_model(cfg)
         model.train()
+        methods = _method_levels(cfg, model, dev, [i for i in impls if i not in IMPLS])
         inputs = synthetic_batch(cfg, batch, height, width, seed=seed, device=device)
         padded_hw, level_inputs = _probe(model, inputs, levels)
+        context = _level_context(inputs, padded_hw)
         steps = _Steps(model, inputs, padded_hw, dev, amp)
-        level_fns = {
-            name: _level_runner(model.acam[name], t, s, dev, amp)
-            for name, (t, s) in level_inputs.items()
-        }
-        runs = {impl: _ImplRuns(impl, list(level_fns)) for impl in impls}
+        level_fns = {}
+        for impl in impls:
+            modules = methods.get(impl, model.acam)
+            level_fns[impl] = {
+                name: _level_runner(modules[name], t, s, dev, amp, context)
+                for name, (t, s) in level_inputs.items()
+            }
+        runs = {impl: _ImplRuns(impl, list(level_inputs)) for impl in impls}
         for _ in range(warmup):
             steps.student_step()
             for impl in impls:
-                with _implementation(model, impl):
+                with _implementation(model, impl, methods):
                     steps.teacher_forward()
                     steps.distill_step()
-                    for run in level_fns.values():
+                    for run in level_fns[impl].values():
                         run()
         _sync(dev)
 
@@ -320,11 +368,11 @@ def benchmark_step(
         for _ in range(rounds):
             student.time("student_step", steps.student_step, repeats, memory, dev)
             for impl in impls:
-                with _implementation(model, impl):
+                with _implementation(model, impl, methods):
                     runs[impl].time("teacher_forward", steps.teacher_forward, repeats, memory, dev)
                     runs[impl].time("distill_step", steps.distill_step, repeats, memory, dev)
                     runs[impl].losses = dict(steps.last_losses)
-                    for name, run in level_fns.items():
+                    for name, run in level_fns[impl].items():
                         for _ in range(repeats):
                             runs[impl].add_level(name, *run())
                     runs[impl].attention = _attention_impl(model, dev)
@@ -376,9 +424,9 @@ class _Steps:
         self.model, self.inputs, self.padded_hw = model, inputs, padded_hw
         self.device, self.amp = device, amp
         student_params = [p for p in model.student.parameters() if p.requires_grad]
-        distill_params = [p for p in model.parameters() if p.requires_grad]
         self.student_opt = torch.optim.SGD(student_params, lr=0.0, momentum=0.9)
-        self.distill_opt = torch.optim.SGD(distill_params, lr=0.0, momentum=0.9)
+        # One optimiser per set of level modules swapped in (see _implementation).
+        self.distill_opts: Dict[int, torch.optim.Optimizer] = {}
         self.last_losses: Dict[str, float] = {}
 
     def student_step(self) -> None:
@@ -393,11 +441,16 @@ class _Steps:
             self.model.teacher_features(self.inputs, self.padded_hw)
 
     def distill_step(self) -> None:
-        self.distill_opt.zero_grad(set_to_none=True)
+        key = id(self.model.acam)
+        if key not in self.distill_opts:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.distill_opts[key] = torch.optim.SGD(params, lr=0.0, momentum=0.9)
+        optimizer = self.distill_opts[key]
+        optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device, self.amp):
             losses = self.model(self.inputs)
         sum(losses.values()).backward()
-        self.distill_opt.step()
+        optimizer.step()
         self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
 
 
@@ -462,7 +515,8 @@ class _ImplRuns:
 
 def _attention_impl(model: ACAMDistiller, device: torch.device):
     """STCA-FF's attention path on ``device`` ("chunked", "sdpa"), None without STCA-FF."""
-    fusion = next((m.fusion for m in model.acam.values() if m.fusion is not None), None)
+    fusions = (getattr(m, "fusion", None) for m in model.acam.values())
+    fusion = next((f for f in fusions if f is not None), None)
     return fusion.attention_impl(device) if fusion is not None else None
 
 
@@ -493,9 +547,14 @@ def _probe(
 
 
 def _level_runner(
-    level: nn.Module, teacher: Tensor, student: Tensor, device: torch.device, amp: str
+    level: nn.Module,
+    teacher: Tensor,
+    student: Tensor,
+    device: torch.device,
+    amp: str,
+    context: LevelContext,
 ) -> Callable[[], tuple]:
-    """One ACAM level: returns a function timing its forward and its backward."""
+    """One level's module: returns a function timing its forward and its backward."""
 
     def run() -> tuple:
         level.zero_grad(set_to_none=True)
@@ -504,7 +563,7 @@ def _level_runner(
 
         def forward() -> None:
             with _autocast(device, amp):
-                holder["loss"] = sum(level(teacher, student).losses.values())
+                holder["loss"] = sum(level(teacher, student, context=context).losses.values())
 
         fwd = _timed(forward, device)
         bwd = _timed(lambda: holder.pop("loss").backward(), device)
