@@ -252,3 +252,28 @@ def test_one_training_step_on_the_segmentation_logits(method):
     model = build_model(seg_pair_cfg("deeplabv3_R_18", extra=["MODEL.ACAMKD.METHOD", method]))
     _step_and_check(model, seg_batch(), LOSS_KEY[method])
     assert list(model.acam) == ["logits"]
+
+
+@pytest.mark.parametrize("method", ["FGD", "MGD"])
+def test_a_rivals_checkpoint_leaves_the_teacher_out_resumes_and_exports(tmp_path, method):
+    from acamkd.export import export_student
+
+    from test_teacherless_checkpoint import _assert_same, _built, _cfg, _teacher_file, _trained
+
+    cfg = _cfg(_teacher_file(tmp_path))
+    cfg.merge_from_list(["MODEL.ACAMKD.METHOD", method])
+    model, _, checkpointer = _trained(cfg, str(tmp_path / "out"))
+    with torch.no_grad():  # the method's own trainable modules, changed from their init
+        for p in model.acam.parameters():
+            p.add_(0.5)
+    checkpointer.save("model_final", iteration=1)
+    final = str(tmp_path / "out" / "model_final.pth")
+    saved = torch.load(final, map_location="cpu")["model"]
+    assert not any(k.startswith("teacher.") for k in saved)
+    assert any(k.startswith("acam.") for k in saved)
+
+    resumed, _, resumed_checkpointer = _built(cfg, str(tmp_path / "out"), seed=5)
+    resumed_checkpointer.resume_or_load("", resume=True)
+    _assert_same(resumed.state_dict(), model.state_dict())  # the teacher reloaded from its file
+    weights, _ = export_student(cfg, final, str(tmp_path / "export"))
+    _assert_same(torch.load(weights, map_location="cpu")["model"], model.student.state_dict())

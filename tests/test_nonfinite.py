@@ -55,12 +55,12 @@ def test_non_finite_acam_loss_names_level_statistics_and_cures(tmp_path):
     message = str(e.value)
     assert isinstance(e.value, FloatingPointError)  # what detectron2 raises, made precise
     assert_documented("nonfinite-acam-loss", message)
-    level_lines = [line for line in message.splitlines() if "ACAM level" in line]
-    assert len(level_lines) == 1 and "ACAM level p4:" in level_lines[0]
+    level_lines = [line for line in message.splitlines() if "Distilled level" in line]
+    assert len(level_lines) == 1 and "Distilled level p4:" in level_lines[0]
     teacher_max = float(re.search(r"teacher ([0-9.e+]+), student", level_lines[0]).group(1))
     student_max = float(re.search(r"student ([0-9.e+]+)", level_lines[0]).group(1))
     assert teacher_max > 1e20 and student_max < 1e6
-    assert "Levels whose ACAM losses are finite: p3, p5, p6, p7." in message
+    assert "Levels whose distillation losses are finite: p3, p5, p6, p7." in message
     # The checkpoint written before the failure is untouched and nothing was written after it.
     assert blow_up.digests.keys() == {"model_0000001.pth", "last_checkpoint"}
     for f, digest in blow_up.digests.items():
@@ -89,5 +89,22 @@ def test_non_finite_task_loss_names_the_loss_and_the_lazy_settings():
     with pytest.raises(NonFiniteLossError) as e:
         trainer.train(0, 4)
     assert_documented("nonfinite-task-loss", str(e.value))
-    assert "loss_box_reg" not in str(e.value) and "ACAM level" not in str(e.value)
+    assert "loss_box_reg" not in str(e.value) and "Distilled level" not in str(e.value)
     assert model.w.item() == pytest.approx(0.8)  # one step (gradient 2), none with the NaN
+
+
+def test_non_finite_loss_of_a_rival_method_names_its_level():
+    from detectron2.utils.events import EventStorage
+
+    from acamkd.engine.nonfinite import non_finite_loss_message
+
+    with EventStorage(7) as storage:
+        storage.put_scalars(
+            **{"acam/p3/loss_cwd": 0.5, "acam/p4/loss_cwd": float("inf")},
+            **{"acam/p4/teacher_feature_absmax": 3e30, "acam/p4/student_feature_absmax": 2.0},
+        )
+        message = non_finite_loss_message({"loss_cwd": float("inf")}, 7, storage)
+    level_lines = [line for line in message.splitlines() if "Distilled level" in line]
+    assert len(level_lines) == 1 and "Distilled level p4: loss_cwd = inf" in level_lines[0]
+    assert "teacher 3e+30" in level_lines[0]
+    assert "Levels whose distillation losses are finite: p3." in message

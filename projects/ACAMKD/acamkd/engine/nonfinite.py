@@ -59,10 +59,10 @@ def _fmt(value: float) -> str:
 
 def _level_report(level: str, stats: Mapping[str, float]) -> str:
     losses = ", ".join(
-        f"{k} = {_fmt(v)}" for k, v in sorted(stats.items()) if k.startswith("loss_acam_")
+        f"{k} = {_fmt(v)}" for k, v in sorted(stats.items()) if k.startswith("loss_")
     )
     masks = ", ".join(f"{title} {_fmt(stats[k])}" for k, title in _MASK_STATS if k in stats)
-    line = f"  ACAM level {level}: {losses}"
+    line = f"  Distilled level {level}: {losses}"
     if masks:
         line += f"; masks: {masks}"
     if "teacher_feature_absmax" in stats and "student_feature_absmax" in stats:
@@ -106,20 +106,23 @@ def non_finite_loss_message(
     """
     names = ", ".join(f"{k} = {_fmt(v)}" for k, v in sorted(bad.items()))
     lines = [f"Loss is not finite at iteration {iteration}: {names}."]
-    if any(k.startswith("loss_acam_") for k in bad):
-        levels = _acam_levels(storage, iteration)
+    levels = _acam_levels(storage, iteration)
+    # The distillation method's losses (ACAM-KD's loss_acam_*, a rival's loss_fgd_*, ...): the
+    # ones the distiller also logged per level.
+    distill = {k for stats in levels.values() for k in stats if k.startswith("loss_")}
+    if any(k.startswith("loss_acam_") or k in distill for k in bad):
         culprits = {
             level: stats
             for level, stats in levels.items()
             if any(
-                k.startswith("loss_acam_") and not torch.isfinite(torch.tensor(v))
+                k.startswith("loss_") and not torch.isfinite(torch.tensor(v))
                 for k, v in stats.items()
             )
         }
         lines += [_level_report(level, stats) for level, stats in culprits.items()]
         finite = [level for level in levels if level not in culprits]
         if finite:
-            lines.append(f"  Levels whose ACAM losses are finite: {', '.join(finite)}.")
+            lines.append(f"  Levels whose distillation losses are finite: {', '.join(finite)}.")
         lines.append(
             "  Features far larger in the teacher than in the student point at the teacher's "
             "weights or its input normalisation; masks at 0 or 1 at a collapse of the masks."
