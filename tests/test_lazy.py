@@ -118,6 +118,7 @@ def test_config_builds_on_cpu_with_its_optimizer_and_schedule(path):
         ("COCO-Detection/acamkd_retinanet_R_50_from_R_101_FPN_2x", True),
         ("COCO-Detection/acamkd_faster_rcnn_R_50_from_R_101_FPN_2x", False),
         ("COCO-Detection/acamkd_fcos_R_50_from_R_101_FPN_2x", False),
+        ("COCO-Detection/fgd_retinanet_R_50_from_R_101_FPN_2x", True),
         ("Streets-Detection/acamkd_retinanet_R_18_from_R_50_streets", True),
         ("Streets-Detection/acamkd_retinanet_R_18_from_R_18_wide_streets", True),
     ],
