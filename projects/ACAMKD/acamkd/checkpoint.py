@@ -10,6 +10,13 @@ A distiller's checkpoint leaves the frozen teacher out: it records where the tea
 came from and their SHA-256 (:func:`teacher_source`), and loading it reloads the teacher from
 its setting, refusing a file whose content differs from the recorded one. (A randomly
 initialised teacher, for tests and smoke runs, has no file to be reloaded from: it is saved.)
+
+A model whose teacher has known weights but which has no student (MasKD's stage-1
+``MasKDTokenLearner``) is treated the same way for its teacher. A distiller's level module may
+declare :class:`FrozenWeights` (MasKD's receptive tokens, learned in stage 1): they are loaded
+strictly from their own file when a run starts, their file's SHA-256 is recorded in every
+checkpoint (:data:`FROZEN_SOURCES_KEY`), and on resume they come from the checkpoint, a file of
+other content being refused.
 """
 
 import contextlib
@@ -28,6 +35,8 @@ from fvcore.common.checkpoint import Checkpointer, _IncompatibleKeys
 
 __all__ = [
     "DistillationCheckpointer",
+    "FrozenWeights",
+    "FrozenWeightsError",
     "TeacherWeights",
     "TeacherWeightsError",
     "WeightsError",
@@ -35,6 +44,7 @@ __all__ = [
     "is_distiller_state",
     "is_readable_checkpoint",
     "load_checkpoint",
+    "load_frozen_weights",
     "load_teacher_weights",
     "teacher_source",
 ]
@@ -48,6 +58,9 @@ _PARTIAL_SUFFIX = ".partial"
 # The entry of a distiller checkpoint that records where the teacher's weights came from (see
 # teacher_source); the checkpoint holds no teacher.* tensors then.
 TEACHER_SOURCE_KEY = "teacher_source"
+# The entry of a distiller checkpoint that records, per setting, where the frozen weights of its
+# level modules came from (see FrozenWeights); the tensors themselves are in the checkpoint.
+FROZEN_SOURCES_KEY = "frozen_sources"
 
 
 def is_readable_checkpoint(path: str) -> bool:
@@ -123,6 +136,9 @@ class DistillationCheckpointer(DetectionCheckpointer):
             data[TEACHER_SOURCE_KEY] = source
             if not source.get("random_init"):  # the teacher is reloaded from its file
                 data["model"] = {k: v for k, v in data["model"].items() if not _is_teacher_key(k)}
+        frozen = _frozen_sources_to_save(self.model)
+        if frozen:
+            data[FROZEN_SOURCES_KEY] = frozen
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -138,11 +154,20 @@ class DistillationCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def _distiller(self) -> Optional[nn.Module]:
-        """The model if it is a distiller (a student and a teacher), else None."""
+        """The model if it is a distiller (a student and a teacher) or a teacher-only model whose
+        teacher has known weights (MasKD's token learner: no student, a ``teacher_weights``),
+        else None."""
         model = self.model
-        if getattr(model, "student", None) is None or getattr(model, "teacher", None) is None:
+        if getattr(model, "teacher", None) is None:
             return None
-        return model
+        if getattr(model, "student", None) is not None:
+            return model
+        return model if getattr(model, "teacher_weights", None) is not None else None
+
+    def _restores_teacher(self) -> bool:
+        """Whether a teacher-less checkpoint's teacher is reloaded: ``restore_teacher``, and
+        always for a model without a student, which runs its teacher even in evaluation."""
+        return self.restore_teacher or getattr(self.model, "student", None) is None
 
     def _teacher_source_to_save(self) -> Optional[Dict[str, Any]]:
         """
@@ -248,6 +273,7 @@ class DistillationCheckpointer(DetectionCheckpointer):
             from .modeling.inheritance import inherit_from_teacher  # modeling imports this module
 
             inherit_from_teacher(model.student, model.teacher)
+        load_frozen_weights(model)
 
     def _restore_teacher(self, recorded: Optional[Dict[str, Any]]) -> None:
         """
@@ -297,7 +323,7 @@ class DistillationCheckpointer(DetectionCheckpointer):
         model = self._distiller()
         weights = getattr(model, "teacher_weights", None)
         if recorded and recorded.get("random_init"):
-            if self.restore_teacher and weights is not None and weights.path:
+            if self._restores_teacher() and weights is not None and weights.path:
                 raise TeacherWeightsError(
                     f"The checkpoint {self._loading} was distilled from {_describe(recorded)}, "
                     f"but {weights.key} now gives {weights.path!r}: another teacher. Empty "
@@ -343,22 +369,98 @@ class DistillationCheckpointer(DetectionCheckpointer):
             return DetectionCheckpointer(student)._load_model(checkpoint)
         if self._distiller() is None:
             return super()._load_model(checkpoint)
+        if student is None:
+            self._check_teacher_only_state(checkpoint["model"])
+        # Checked before anything is loaded; a checkpoint that does not record them (one of
+        # another method) leaves them to be loaded from their own files afterwards.
+        unrecorded = self._check_frozen_sources(checkpoint.get(FROZEN_SOURCES_KEY))
         if any(_is_teacher_key(k) for k in checkpoint["model"]):
             self._teacher_in_checkpoint(checkpoint.get(TEACHER_SOURCE_KEY))
-            return super()._load_model(checkpoint)
-        if self.restore_teacher:
-            self._restore_teacher(checkpoint.get(TEACHER_SOURCE_KEY))
+            incompatible = super()._load_model(checkpoint)
         else:
-            logger.info(
-                f"The checkpoint {self._loading} leaves the teacher out and this model runs its "
-                "student alone: the teacher's weights are not loaded."
-            )
-        incompatible = super()._load_model(checkpoint)
-        # Not in the checkpoint by design: the teacher was reloaded above.
-        incompatible.missing_keys[:] = [
-            k for k in incompatible.missing_keys if not _is_teacher_key(k)
-        ]
+            if self._restores_teacher():
+                self._restore_teacher(checkpoint.get(TEACHER_SOURCE_KEY))
+            else:
+                logger.info(
+                    f"The checkpoint {self._loading} leaves the teacher out and this model runs "
+                    "its student alone: the teacher's weights are not loaded."
+                )
+            incompatible = super()._load_model(checkpoint)
+            # Not in the checkpoint by design: the teacher was reloaded above.
+            incompatible.missing_keys[:] = [
+                k for k in incompatible.missing_keys if not _is_teacher_key(k)
+            ]
+        if unrecorded:
+            load_frozen_weights(self.model, unrecorded)
+            incompatible.missing_keys[:] = [
+                k
+                for k in incompatible.missing_keys
+                if not _is_frozen_key(self.model, unrecorded, k)
+            ]
         return incompatible
+
+    def _check_teacher_only_state(self, state: Dict[str, Any]) -> None:
+        """
+        A model with a teacher and no student (MasKD's token learner) loads only its own
+        checkpoints: one that holds none of its other tensors (e.g. the teacher's own file
+        given as MODEL.WEIGHTS) would be matched by suffix into its teacher.
+        """
+        own = {k for k in self.model.state_dict() if not _is_teacher_key(k)}
+        if any(_strip_module(k) in own for k in state):
+            return
+        weights = getattr(self.model, "teacher_weights", None)
+        setting = weights.key if weights is not None else "its teacher's setting"
+        raise WeightsError(
+            f"{self._loading} is not a checkpoint of this {type(self.model).__name__}: it holds "
+            f"none of its tensors ({_listing(sorted(own))}). Its teacher is loaded from "
+            f"{setting}; MODEL.WEIGHTS (train.init_checkpoint) only takes this model's own "
+            "checkpoints (to evaluate them): leave it empty to start a run."
+        )
+
+    def _check_frozen_sources(self, recorded: Optional[Dict[str, Any]]) -> List[str]:
+        """
+        For a checkpoint of a distiller whose level modules declare :class:`FrozenWeights`:
+        each setting's file must have the content the checkpoint recorded (the frozen tensors
+        come from the checkpoint), else a :class:`FrozenWeightsError` names both. Nothing is
+        checked where the model runs its student alone (``restore_teacher`` False).
+
+        Returns:
+            list[str]: the settings the checkpoint has no record of (it is not one of this
+            method): their weights are loaded from their files after the checkpoint.
+        """
+        groups = _frozen_groups(self.model)
+        if not groups or not self._restores_teacher():
+            return []
+        recorded = recorded or {}
+        unrecorded = []
+        for setting, parts in groups.items():
+            weights = parts[0][2]
+            before = recorded.get(setting)
+            if not before:
+                logger.warning(
+                    f"The checkpoint {self._loading} does not record where {weights.what} came "
+                    f"from: they are loaded from {setting} {weights.path!r}."
+                )
+                unrecorded.append(setting)
+                continue
+            current = _file_source(weights.path, setting, weights.what)
+            if not _same_teacher(before, current):
+                raise FrozenWeightsError(
+                    f"The checkpoint {self._loading} was trained with {weights.what} from "
+                    f"{_describe_frozen(before)}, but {setting} now gives "
+                    f"{_describe_frozen(current)}, of other content. Set {setting} to the file "
+                    "the checkpoint names (or one with the same content), or start a new run in "
+                    "another output folder."
+                )
+            if before.get("path") != current.get("path"):
+                logger.info(
+                    f"The checkpoint {self._loading} was trained with {weights.what} from "
+                    f"{before.get('path')!r}; {setting} now gives {current.get('path')!r}, with "
+                    "the same content."
+                )
+            for _, module, _ in parts:  # the tensors come from the checkpoint
+                setattr(module, _LOADED_ATTR, dict(current))
+        return unrecorded
 
 
 class WeightsError(RuntimeError):
@@ -393,6 +495,181 @@ class TeacherWeights:
     key: str = "MODEL.ACAMKD.TEACHER.WEIGHTS"
     allow_key: str = "MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT True"
     strict_key: str = "MODEL.ACAMKD.TEACHER.STRICT False"
+
+
+class FrozenWeightsError(WeightsError, ValueError):
+    """Frozen weights of a level module (:class:`FrozenWeights`) that are empty without leave,
+    do not fit, or differ from those a checkpoint was trained with."""
+
+
+@dataclass(frozen=True)
+class FrozenWeights:
+    """
+    Weights of a part of a distiller's level module that another run learned and that stay
+    frozen here, e.g. MasKD's receptive tokens from its stage 1. A level module declares them
+    as its ``frozen_weights`` attribute; :class:`DistillationCheckpointer` loads them strictly
+    from ``path`` when a run starts (:func:`load_frozen_weights`), records the file's SHA-256
+    in every checkpoint and, on resume, takes them from the checkpoint and refuses a file of
+    other content.
+
+    Attributes:
+        path (str): a local path or URL of a checkpoint whose ``"model"`` entry holds them;
+            "" for none.
+        key (str): the setting that gives ``path``, e.g. "MODEL.ACAMKD.MASKD.TOKENS".
+        submodule (str): the level module's submodule loaded, e.g. "tokens".
+        file_prefix (str): the prefix of its keys in the file, where "{level}" stands for the
+            distilled level's name, e.g. "tokens.{level}.".
+        what (str): what they are, for the messages, e.g. "MasKD's receptive tokens".
+        allow_empty (bool): accept an empty ``path`` (they keep their random init; tests and
+            smoke runs only).
+        allow_key (str): the setting that allows it, for the messages.
+        hint (str): how to make the file, said when it is empty or does not fit.
+    """
+
+    path: str = ""
+    key: str = ""
+    submodule: str = ""
+    file_prefix: str = ""
+    what: str = "the frozen weights"
+    allow_empty: bool = False
+    allow_key: str = "MODEL.ACAMKD.TEACHER.ALLOW_RANDOM_INIT True"
+    hint: str = ""
+
+
+def _frozen_groups(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Module, FrozenWeights]]]:
+    """The level modules (``model.acam``) that declare :class:`FrozenWeights`, by setting:
+    setting -> [(level, module, weights)]."""
+    levels = getattr(model, "acam", None)
+    groups: Dict[str, List[Tuple[str, nn.Module, FrozenWeights]]] = {}
+    if not isinstance(levels, nn.ModuleDict):
+        return groups
+    for level, module in levels.items():
+        weights = getattr(module, "frozen_weights", None)
+        if isinstance(weights, FrozenWeights):
+            groups.setdefault(weights.key, []).append((level, module, weights))
+    return groups
+
+
+def _frozen_sources_to_save(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    """setting -> where the frozen weights now in the model came from (or, not loaded yet,
+    will come from), as :func:`teacher_source` describes a file."""
+    out = {}
+    for setting, parts in _frozen_groups(model).items():
+        weights = parts[0][2]
+        loaded = getattr(parts[0][1], _LOADED_ATTR, None)
+        out[setting] = dict(loaded) if loaded else _file_source(weights.path, setting, weights.what)
+    return out
+
+
+def _is_frozen_key(model: nn.Module, settings: Sequence[str], key: str) -> bool:
+    """Whether ``key`` of the model's state is a tensor of the frozen weights of ``settings``."""
+    groups = _frozen_groups(model)
+    for setting in settings:
+        for level, _, weights in groups.get(setting, []):
+            if _strip_module(key).startswith(f"acam.{level}.{weights.submodule}."):
+                return True
+    return False
+
+
+def _strip_module(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def _read_model_state(weights: FrozenWeights) -> Dict[str, Any]:
+    """The ``"model"`` entry of the checkpoint ``weights.path`` (a plain state dict is taken
+    as it is), without a DistributedDataParallel ``module.`` prefix."""
+    with explain_unreadable_weights(weights.path, weights.key, what=weights.what):
+        with PathManager.open(weights.path, "rb") as f:
+            data = torch.load(f, map_location="cpu")
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise FrozenWeightsError(
+            f"{weights.path!r} ({weights.key}) holds no model state, so it cannot give "
+            f"{weights.what}. {weights.hint}"
+        )
+    return {_strip_module(k): v for k, v in state.items()}
+
+
+def load_frozen_weights(model: nn.Module, settings: Optional[Sequence[str]] = None) -> None:
+    """
+    Load the :class:`FrozenWeights` every level module of a distiller declares from their
+    files, strictly: each tensor of the submodule must be in the file (under the level's
+    ``file_prefix``) with its shape, else a :class:`FrozenWeightsError` names the file, the
+    setting and the missing and mis-shaped keys, and says how to make the file. An empty path
+    is refused unless the weights allow it (then they keep their random init). Where they came
+    from is remembered for the checkpoints. A model without such modules is left as it is.
+
+    Args:
+        model (nn.Module): the distiller.
+        settings (list[str]): only the weights of these settings; default all.
+    """
+    for setting, parts in _frozen_groups(model).items():
+        if settings is not None and setting not in settings:
+            continue
+        weights = parts[0][2]
+        if not weights.path:
+            if not weights.allow_empty:
+                raise FrozenWeightsError(
+                    f"{setting} is empty: {weights.what} are needed. " f"{weights.hint}"
+                )
+            logger.warning(
+                "%s is empty: %s keep their random init (%s).",
+                setting,
+                weights.what,
+                weights.allow_key,
+            )
+        else:
+            _load_frozen_parts(parts, _read_model_state(weights), weights)
+        source = _file_source(weights.path, setting, weights.what)
+        for _, module, _ in parts:
+            setattr(module, _LOADED_ATTR, dict(source))
+
+
+def _load_frozen_parts(
+    parts: List[Tuple[str, nn.Module, FrozenWeights]], state: Dict[str, Any], weights: FrozenWeights
+) -> None:
+    missing, shapes, loads, used = [], [], [], set()
+    for level, module, part in parts:
+        target = module.get_submodule(part.submodule)
+        prefix = part.file_prefix.format(level=level)
+        mapped = {}
+        for name, tensor in target.state_dict().items():
+            key = prefix + name
+            if key not in state:
+                missing.append(key)
+            elif tuple(state[key].shape) != tuple(tensor.shape):
+                shapes.append(
+                    f"{key} {tuple(state[key].shape)} in the file, {tuple(tensor.shape)} here"
+                )
+            else:
+                mapped[name] = state[key]
+                used.add(key)
+        loads.append((target, mapped))
+    source = f"{weights.path!r} ({weights.key})"
+    if missing or shapes:
+        lines = [
+            f"The file {source} does not fit {weights.what} of this model: {len(missing)} of "
+            f"their tensors are missing from it and {len(shapes)} have another shape there."
+        ]
+        if missing:
+            lines.append(f"Missing ({len(missing)}): {_listing(missing)}.")
+        if shapes:
+            lines.append(f"Another shape ({len(shapes)}): {_listing(shapes)}.")
+        lines.append(weights.hint)
+        raise FrozenWeightsError("\n".join(line for line in lines if line))
+    for target, mapped in loads:
+        target.load_state_dict(mapped, strict=True)
+    root = weights.file_prefix.split("{level}")[0]
+    unused = sorted(k for k in state if k.startswith(root) and k not in used) if root else []
+    if unused:
+        logger.info(
+            "%d tensors of %s under %r are not distilled here and are ignored: %s",
+            len(unused),
+            source,
+            root,
+            _listing(unused),
+        )
+    logger.info("Loaded %s from %s.", weights.what, source)
 
 
 class _TeacherCheckpointer(DetectionCheckpointer):
@@ -494,11 +771,16 @@ def teacher_source(weights: TeacherWeights) -> Dict[str, Any]:
     Raises:
         WeightsError: the file cannot be read or downloaded.
     """
-    if not weights.path:
-        return {"path": "", "setting": weights.key, "random_init": True}
-    with explain_unreadable_weights(weights.path, weights.key, what="the teacher weights"):
-        digest = _sha256(PathManager.get_local_path(weights.path))
-    return {"path": weights.path, "setting": weights.key, "sha256": digest}
+    return _file_source(weights.path, weights.key, "the teacher weights")
+
+
+def _file_source(path: str, setting: str, what: str) -> Dict[str, Any]:
+    """:func:`teacher_source` of the file ``path`` given by ``setting`` ("" for none)."""
+    if not path:
+        return {"path": "", "setting": setting, "random_init": True}
+    with explain_unreadable_weights(path, setting, what=what):
+        digest = _sha256(PathManager.get_local_path(path))
+    return {"path": path, "setting": setting, "sha256": digest}
 
 
 def _same_teacher(recorded: Dict[str, Any], current: Dict[str, Any]) -> bool:
@@ -511,6 +793,12 @@ def _describe(source: Dict[str, Any]) -> str:
     if source.get("random_init"):
         return f"a randomly initialised teacher ({source.get('setting')} empty)"
     return f"{source.get('path')!r} ({source.get('setting')}, sha256 {source.get('sha256')})"
+
+
+def _describe_frozen(source: Dict[str, Any]) -> str:
+    if source.get("random_init"):
+        return f"no file (randomly initialised, {source.get('setting')} empty)"
+    return _describe(source)
 
 
 def _load_teacher_from(

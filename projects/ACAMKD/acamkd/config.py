@@ -127,8 +127,10 @@ def add_acamkd_config(cfg: CN) -> None:
     _C.MODEL.ACAMKD.PKD.WEIGHT = None
 
     # MasKD (receptive tokens learned on the teacher, then frozen as distillation masks).
-    # Stage 1 is its own run (META_ARCHITECTURE "MasKDTokenLearner"); stage 2 distils with
-    # METHOD "MasKD" and TOKENS pointing at stage 1's checkpoint.
+    # Stage 1 is its own run (META_ARCHITECTURE "MasKDTokenLearner", its teacher under TEACHER,
+    # its family under STUDENT_META_ARCHITECTURE, e.g. configs/*/maskd_tokens_*.yaml); stage 2
+    # distils with METHOD "MasKD" and TOKENS pointing at stage 1's checkpoint. NUM_TOKENS and
+    # WEIGHT_MASKS must resolve alike in both stages.
     _C.MODEL.ACAMKD.MASKD = CN()
     # Number of receptive tokens per level (authors: 6 for detection, 8 for segmentation).
     _C.MODEL.ACAMKD.MASKD.NUM_TOKENS = None
@@ -137,14 +139,16 @@ def add_acamkd_config(cfg: CN) -> None:
     _C.MODEL.ACAMKD.MASKD.LOSS_WEIGHT = None
     # Stage 2: after this many training steps the masks become masks(T) * masks(S) (student
     # masks without gradient); authors: RetinaNet 7000, GeneralizedRCNN 7330, FCOS and
-    # RepPoints 5000; segmentation never (a negative value).
+    # RepPoints 5000; segmentation never (a negative value). The count is saved in the
+    # checkpoints: a resumed run goes on counting.
     _C.MODEL.ACAMKD.MASKD.WARMUP_ITERS = None
     # Weigh each token's loss by a softmax over tokens computed from the teacher feature
     # (authors: detection True, segmentation False).
     _C.MODEL.ACAMKD.MASKD.WEIGHT_MASKS = None
     # Stage 2: the stage-1 checkpoint holding the learned tokens (a local path or URL). Loaded
     # strictly by the checkpointer when a run starts; its SHA-256 is recorded and checked on
-    # resume, as the teacher's.
+    # resume, as the teacher's (the tokens then come from the checkpoint). Empty is refused
+    # unless TEACHER.ALLOW_RANDOM_INIT (random tokens, tests and smoke runs only).
     _C.MODEL.ACAMKD.MASKD.TOKENS = ""
     # Stage 1: weight of the Dice diversity loss of the tokens' masks.
     _C.MODEL.ACAMKD.MASKD.DICE_WEIGHT = 1.0

@@ -38,9 +38,10 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
 
 
 def is_semantic_segmentation(cfg: CfgNode) -> bool:
-    """Whether ``cfg`` trains a semantic segmentor (plain or as a distillation student)."""
+    """Whether ``cfg`` trains a semantic segmentor (plain or as a distillation student), or
+    learns MasKD's tokens on one (whose family STUDENT_META_ARCHITECTURE names)."""
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "ACAMDistiller":
+    if arch in ("ACAMDistiller", "MasKDTokenLearner"):
         arch = cfg.MODEL.ACAMKD.STUDENT_META_ARCHITECTURE
     return arch == "SemanticSegmentor"
 

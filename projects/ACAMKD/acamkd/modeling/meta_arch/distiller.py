@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ASPP
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.utils.events import get_event_storage
 
 from ...checkpoint import TeacherWeights
 from ..methods import LevelContext, LevelOutput, build_distill_method
+from ..methods.common import current_storage
 from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
 
 __all__ = ["ACAMDistiller", "DistillOutput", "build_student_cfg"]
@@ -79,13 +79,6 @@ def _capture_output(module: nn.Module) -> Iterator[Dict[str, object]]:
         yield record
     finally:
         handle.remove()
-
-
-def _current_storage():
-    try:
-        return get_event_storage()
-    except AssertionError:  # no EventStorage open (e.g. a forward pass outside a trainer)
-        return None
 
 
 @META_ARCH_REGISTRY.register()
@@ -365,7 +358,7 @@ class ACAMDistiller(nn.Module):
         return features if isinstance(features, dict) else {_LOGITS: features}
 
     def _log_stats(self, outputs: Dict[str, LevelOutput]) -> None:
-        storage = _current_storage()
+        storage = current_storage()
         if storage is None:
             return
         scalars = {}

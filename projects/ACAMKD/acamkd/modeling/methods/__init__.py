@@ -4,6 +4,7 @@
 # from modeling/acam.py.
 from .cwd import CWD
 from .fgd import FGD
+from .maskd import MasKD, MasKDTokenLearner, ReceptiveTokens
 from .mgd import MGD
 from .mse import FeatureMSE
 from .pkd import PKD
@@ -20,7 +21,10 @@ __all__ = [
     "CWD",
     "DISTILL_METHOD_REGISTRY",
     "MGD",
+    "MasKD",
+    "MasKDTokenLearner",
     "PKD",
+    "ReceptiveTokens",
     "FGD",
     "FeatureMSE",
     "LevelContext",

@@ -6,9 +6,17 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from detectron2.utils.events import get_event_storage
+
 from .registry import LevelContext, LevelOutput
 
-__all__ = ["AlignedFeatureLoss", "alignment", "check_level_inputs"]
+__all__ = [
+    "AlignedFeatureLoss",
+    "alignment",
+    "check_level_inputs",
+    "current_storage",
+    "full_precision",
+]
 
 
 def alignment(student_channels: int, teacher_channels: int, always: bool) -> nn.Module:
@@ -57,9 +65,17 @@ def check_level_inputs(
         )
 
 
-def _full_precision(x: Tensor) -> Tensor:
-    """``x`` in float32, or float64 if it is."""
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it is (losses are computed so, also under autocast)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def current_storage():
+    """detectron2's open event storage, or None outside a trainer (e.g. a forward in a test)."""
+    try:
+        return get_event_storage()
+    except AssertionError:
+        return None
 
 
 class AlignedFeatureLoss(nn.Module):
@@ -117,7 +133,7 @@ class AlignedFeatureLoss(nn.Module):
         teacher = teacher.detach()
         aligned = self.align(student)
         with torch.autocast(device_type=teacher.device.type, enabled=False):
-            losses, stats = self.level_losses(_full_precision(teacher), _full_precision(aligned))
+            losses, stats = self.level_losses(full_precision(teacher), full_precision(aligned))
         maps = None
         if return_masks:
             maps = {
