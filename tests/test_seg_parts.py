@@ -275,8 +275,13 @@ def test_every_yaml_merges():
         cfg = _cfg(os.path.basename(path))
         assert cfg.DATASETS.TRAIN == ("cityscapes_fine_sem_seg_train",)
         assert cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR"
-        assert cfg.SOLVER.MAX_ITER == 40000 and cfg.SOLVER.BASE_LR == 0.02
-        assert cfg.SOLVER.WEIGHT_DECAY == 0.0005 and cfg.SOLVER.IMS_PER_BATCH == 16
+        assert cfg.SOLVER.IMS_PER_BATCH == 16
+        if cfg.MODEL.META_ARCHITECTURE == "MasKDTokenLearner":  # MasKD's first stage
+            assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.BASE_LR) == (10000, 0.1), path
+            assert cfg.SOLVER.WEIGHT_DECAY == 0.001, path
+        else:
+            assert cfg.SOLVER.MAX_ITER == 40000 and cfg.SOLVER.BASE_LR == 0.02, path
+            assert cfg.SOLVER.WEIGHT_DECAY == 0.0005, path
         assert tuple(cfg.INPUT.CROP.SIZE) == (512, 1024)
         stride = re.search(r"OS(\d+)", os.path.basename(path))
         if stride:
