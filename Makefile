@@ -23,7 +23,7 @@ lint: setup
 	$(PY) -m black --check -l 100 projects tools tests configs train_net.py
 
 env: setup
-	$(PY) -m acamkd.env
+	$(PY) -m acamkd.training.env
 
 # One GPU, under 8 minutes: the CUDA-only tests (AMP steps, fused SDPA at COCO level shapes;
 # skipped on the CPU, failing here without a GPU), then the step benchmark at 1333x800, batch 2,

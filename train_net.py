@@ -39,8 +39,8 @@ import acamkd  # noqa: F401  (registers the meta-architecture, backbones, heads 
 from acamkd import DistillationTrainer, get_acamkd_cfg
 from acamkd.data import add_register_coco_argument, register_coco_datasets
 from acamkd.data.checks import check_datasets_registered
-from acamkd.engine import lazy_train
-from acamkd.engine.common import load_for_evaluation
+from acamkd.training import lazy_train
+from acamkd.training.common import load_for_evaluation
 
 logger = logging.getLogger("acamkd")
 

@@ -24,7 +24,7 @@ import torch
 
 from detectron2.engine.train_loop import TrainerBase
 
-from acamkd.checkpoint import DistillationCheckpointer
+from acamkd.training.checkpointer import DistillationCheckpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _saves = {"count": 0, "cut": False}

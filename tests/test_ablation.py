@@ -154,7 +154,7 @@ def test_lazy_config_switch_builds_the_no_mask_row():
 
 
 def test_mask_figure_refuses_a_row_without_both_masks():
-    from acamkd.mask_maps import _level_maps
+    from acamkd.pictures.mask_maps import _level_maps
 
     teacher, student = _level_inputs()
     level = ACAMLevel(teacher_channels=16, student_channels=8, masks="spatial")

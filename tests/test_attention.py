@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from acamkd import get_acamkd_cfg
-from acamkd.benchmark import _teacher_features_no_grad
+from acamkd.experiments.benchmark import _teacher_features_no_grad
 from acamkd.modeling import stca_ff
 from acamkd.modeling.acam import ACAMLevel
 from acamkd.modeling.stca_ff import STCAFusion, chunked_attention, chunked_attention_and_column_mean

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from acamkd.curves import mean_curve, plot_curves, read_metric
+from acamkd.experiments.curves import mean_curve, plot_curves, read_metric
 
 
 def _run(root, name, records):

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from acamkd.data import generate_streets
-from acamkd.demo import demo_stages, read_training_log
-from acamkd.stages import Stage, run_side_by_side
+from acamkd.experiments.demo import demo_stages, read_training_log
+from acamkd.experiments.stages import Stage, run_side_by_side
 
 from tiny_models import REPO
 
@@ -138,7 +138,7 @@ def test_side_by_side_names_the_failed_stage_and_its_log(tmp_path, monkeypatch, 
     broken = Stage("broken", DET_BASELINE, ["DATASETS.TRAIN", "('no_such_dataset',)"])
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))  # the runs' data
     generate_streets(str(tmp_path / "datasets"), num_train=2, num_val=1, width=128, height=64)
-    messages = log_records("acamkd.stages")
+    messages = log_records("acamkd.experiments.stages")
     with pytest.raises(RuntimeError, match=r"broken \(exit 1, see .*broken/console\.log\)"):
         run_side_by_side([ok, broken], str(tmp_path), jobs=2, threads=1, poll_seconds=0.5)
     progress = [m for m in messages if m.startswith("[ok] ")]

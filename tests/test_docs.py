@@ -201,7 +201,7 @@ def test_layout_page_names_every_module_and_tool():
     missing = []
     for f in _repo_files():
         if f.startswith(package) and f.endswith(".py"):
-            rel = f[len(package) :]  # e.g. engine/common.py, modeling/meta_arch/distiller.py
+            rel = f[len(package) :]  # e.g. training/common.py, modeling/meta_arch/distiller.py
             folder, name = os.path.split(rel)
             if folder and name == "__init__.py":
                 continue  # a subpackage's: its modules are what is listed

@@ -1,5 +1,6 @@
 """``import acamkd`` registers the model parts and the dataset names, and imports nothing else:
-the trainer, matplotlib, the tools' modules and the street generator come when they are used."""
+the trainer, matplotlib, the tools' modules (``acamkd.experiments``, ``acamkd.pictures``) and
+the street generator come when they are used."""
 
 import subprocess
 import sys
@@ -16,12 +17,29 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
 assert "matplotlib" not in sys.modules, "matplotlib was imported"
+# The layout rule: the experiments and the pictures (the tools' modules) and the trainer come
+# only when they are used. Of acamkd.training, the package imports the checkpointer alone (with
+# the weights it loads, which modeling/ declares).
+layers = [m for m in sys.modules if m.startswith(("acamkd.experiments", "acamkd.pictures"))]
+assert not layers, layers
+training = sorted(m for m in sys.modules if m.startswith("acamkd.training."))
+assert training == [
+    "acamkd.training.checkpoint_files",
+    "acamkd.training.checkpointer",
+    "acamkd.training.frozen_weights",
+    "acamkd.training.teacher_weights",
+], training
 heavy = [
     m
     for m in (
-        "acamkd.engine", "acamkd.visualization", "acamkd.demo", "acamkd.compare", "acamkd.study",
-        "acamkd.stages", "acamkd.env", "acamkd.benchmark", "acamkd.slurm", "acamkd.export",
-        "acamkd.lazy", "acamkd.data.street_scene", "acamkd.data.synthetic_streets",
+        "acamkd.training.trainer", "acamkd.training.lazy_train", "acamkd.training.common",
+        "acamkd.training.hooks", "acamkd.training.nonfinite", "acamkd.training.mask_collapse",
+        "acamkd.training.evaluation", "acamkd.training.env", "acamkd.training.slurm",
+        "acamkd.training.export", "acamkd.experiments.stages", "acamkd.experiments.study",
+        "acamkd.experiments.demo", "acamkd.experiments.compare", "acamkd.experiments.curves",
+        "acamkd.experiments.benchmark", "acamkd.pictures.mask_maps",
+        "acamkd.pictures.visualization", "acamkd.lazy", "acamkd.data.street_scene",
+        "acamkd.data.synthetic_streets",
     )
     if m in sys.modules
 ]
@@ -37,10 +55,10 @@ assert {"streets_coco_train", "streets_sem_seg_val"} <= set(DatasetCatalog.list(
 
 _MASK_MAPS_WITHOUT_MATPLOTLIB = """
 import sys
-import acamkd.engine, acamkd.mask_maps
+import acamkd.training.trainer, acamkd.training.lazy_train, acamkd.pictures.mask_maps
 
 assert "matplotlib" not in sys.modules, "matplotlib was imported"
-import acamkd.visualization
+import acamkd.pictures.visualization
 
 assert "matplotlib" in sys.modules
 """
@@ -64,7 +82,7 @@ def test_public_names_resolve_on_first_use():
     from acamkd.data import GENERATOR_VERSION, StreetScene, generate_streets
     from acamkd.data.street_scene import StreetScene as scene_class
     from acamkd.data.synthetic_streets import generate_streets as generate
-    from acamkd.engine import DistillationTrainer as trainer_class
+    from acamkd.training.trainer import DistillationTrainer as trainer_class
 
     assert DistillationTrainer is trainer_class and "DistillationTrainer" in dir(acamkd)
     assert set(acamkd.__all__) <= set(dir(acamkd))

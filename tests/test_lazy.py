@@ -25,11 +25,12 @@ from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.fcos import FCOS
 
 from acamkd import ACAMDistiller, DistillationCheckpointer, get_acamkd_cfg
-from acamkd.checkpoint import load_checkpoint, load_teacher_weights
-from acamkd.compare import METRICS, ModelSpec, compare_models
-from acamkd.engine.lazy_train import with_gradient_clipping
+from acamkd.experiments.compare import METRICS, ModelSpec, compare_models
 from acamkd.lazy import build_acam_levels, build_lazy_teacher
-from acamkd.visualization import mask_figure_size
+from acamkd.pictures.visualization import mask_figure_size
+from acamkd.training.checkpointer import load_checkpoint
+from acamkd.training.lazy_train import with_gradient_clipping
+from acamkd.training.teacher_weights import load_teacher_weights
 
 from tiny_models import (
     REPO,
@@ -329,7 +330,7 @@ def test_train_net_trains_a_py_config_with_overrides(trained):
 
 
 def test_a_py_config_run_logs_the_mask_table_and_draws_the_mask_figure(trained):
-    # The YAML trainer's hooks (acamkd.engine.common.with_project_hooks): the per-level table
+    # The YAML trainer's hooks (acamkd.training.common.with_project_hooks): the per-level table
     # at the logging period (here the last iteration), in the console and in log.txt ...
     table = [
         line for line in trained["log"].splitlines() if "acam p3: spatial mean/cover/dice" in line

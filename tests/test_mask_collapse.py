@@ -24,9 +24,9 @@ from detectron2.utils.events import EventStorage
 from fvcore.common.param_scheduler import ConstantParamScheduler
 
 from acamkd import DistillationTrainer
-from acamkd.engine import lazy_train
-from acamkd.engine.hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook
-from acamkd.engine.mask_collapse import (
+from acamkd.training import lazy_train
+from acamkd.training.hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook
+from acamkd.training.mask_collapse import (
     COLLAPSE_LOW,
     MaskCollapseGuard,
     collapsed_levels,
@@ -233,7 +233,7 @@ def test_collapsed_levels_and_final_statistics_of_a_metrics_json(tmp_path):
 
 
 def test_rule_is_importable_from_the_hooks_module():
-    from acamkd.engine import hooks
+    from acamkd.training import hooks
 
     assert hooks.is_collapsed is is_collapsed and hooks.collapsed_levels is collapsed_levels
 
@@ -322,7 +322,7 @@ def _tiny_distiller():
 
 
 def _project_hooks(hooks) -> list:
-    """The hooks of acamkd.engine.common.with_project_hooks among ``hooks``, by kind: the
+    """The hooks of acamkd.training.common.with_project_hooks among ``hooks``, by kind: the
     figure (with its period and dataset), the table's writer (its period), the collapse guard
     (its period); detectron2's writer as "writer", so their order shows."""
     out = []

@@ -20,16 +20,13 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
 from acamkd import DistillationCheckpointer, get_acamkd_cfg
-from acamkd.checkpoint import (
-    FROZEN_SOURCES_KEY,
-    TEACHER_SOURCE_KEY,
-    FrozenWeightsError,
-    WeightsError,
-)
-from acamkd.engine.trainer import is_semantic_segmentation
 from acamkd.modeling.methods import MasKD, MasKDTokenLearner, ReceptiveTokens, build_distill_method
 from acamkd.modeling.methods.maskd import dice_diversity
 from acamkd.modeling.teacher import build_teacher_cfg
+from acamkd.training.checkpoint_files import WeightsError
+from acamkd.training.checkpointer import FROZEN_SOURCES_KEY, TEACHER_SOURCE_KEY
+from acamkd.training.frozen_weights import FrozenWeightsError
+from acamkd.training.trainer import is_semantic_segmentation
 
 from test_seg_distill import CITYSCAPES, STUDENT_SHRINK, TEACHER_SHRINK, H, W
 from test_seg_distill import _batch as seg_batch

@@ -256,7 +256,7 @@ def test_one_training_step_on_the_segmentation_logits(method):
 
 @pytest.mark.parametrize("method", ["FGD", "MGD"])
 def test_a_rivals_checkpoint_leaves_the_teacher_out_resumes_and_exports(tmp_path, method):
-    from acamkd.export import export_student
+    from acamkd.training.export import export_student
 
     from test_teacherless_checkpoint import _assert_same, _built, _cfg, _teacher_file, _trained
 

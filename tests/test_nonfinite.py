@@ -13,7 +13,7 @@ from torch import nn
 from detectron2.engine import HookBase
 
 from acamkd import DistillationTrainer
-from acamkd.engine.nonfinite import LAZY_CURES, FiniteSimpleTrainer, NonFiniteLossError
+from acamkd.training.nonfinite import LAZY_CURES, FiniteSimpleTrainer, NonFiniteLossError
 
 from tiny_models import distill_cfg, register_tiny_dataset
 from troubleshooting import assert_documented
@@ -96,7 +96,7 @@ def test_non_finite_task_loss_names_the_loss_and_the_lazy_settings():
 def test_non_finite_loss_of_a_rival_method_names_its_level():
     from detectron2.utils.events import EventStorage
 
-    from acamkd.engine.nonfinite import non_finite_loss_message
+    from acamkd.training.nonfinite import non_finite_loss_message
 
     with EventStorage(7) as storage:
         storage.put_scalars(

@@ -19,13 +19,13 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from acamkd import DistillationCheckpointer, get_acamkd_cfg
-from acamkd.export import export_student
 from acamkd.modeling.meta_arch.reppoints import (
     RepPoints,
     RepPointsHead,
     point_assignment,
     points_to_boxes,
 )
+from acamkd.training.export import export_student
 
 from tiny_models import REPO, assert_same_network, batched_inputs, distill_cfg, plain_cfg
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from detectron2.data import DatasetCatalog
 
-from acamkd.checkpoint import DistillationCheckpointer, is_readable_checkpoint
+from acamkd.training.checkpoint_files import is_readable_checkpoint
+from acamkd.training.checkpointer import DistillationCheckpointer
 
 from tiny_models import REPO, distill_cfg, register_tiny_dataset
 from troubleshooting import assert_documented
@@ -94,7 +95,7 @@ def test_is_readable_checkpoint(tmp_path):
 @pytest.fixture
 def warnings_of_checkpoint(log_records):
     """The checkpointer's warnings."""
-    return log_records("acamkd.checkpoint", logging.WARNING)
+    return log_records("acamkd.training.checkpointer", logging.WARNING)
 
 
 def test_resume_skips_a_truncated_last_checkpoint_with_a_warning(tmp_path, warnings_of_checkpoint):

@@ -18,8 +18,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from acamkd import DistillationTrainer, get_acamkd_cfg
-from acamkd.evaluation import build_evaluator
 from acamkd.modeling.teacher import build_teacher_cfg
+from acamkd.training.evaluation import build_evaluator
 
 from tiny_models import REPO, assert_same_network
 

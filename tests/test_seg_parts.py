@@ -17,9 +17,9 @@ from detectron2.projects.deeplab import add_deeplab_config
 from detectron2.projects.deeplab.resnet import DeepLabStem
 
 from acamkd.config import add_acamkd_config
-from acamkd.engine import DistillationTrainer
 from acamkd.modeling.backbone import MobileNetV2Backbone  # noqa: F401  (registers)
 from acamkd.modeling.heads import PSPHead
+from acamkd.training.trainer import DistillationTrainer
 
 CONFIG_DIR = os.path.join(
     os.path.dirname(__file__), "..", "configs", "Cityscapes-SemanticSegmentation"

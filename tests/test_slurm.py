@@ -1,7 +1,8 @@
 """
-The Slurm launcher (``tools/submit_slurm.py``, ``acamkd.slurm``) without Slurm: the rendezvous
-derived from a fake Slurm environment, and a tiny distillation trained through submitit's local
-executor, preempted after its first checkpoint, requeued and resumed from that checkpoint.
+The Slurm launcher (``tools/submit_slurm.py``, ``acamkd.training.slurm``) without Slurm: the
+rendezvous derived from a fake Slurm environment, and a tiny distillation trained through
+submitit's local executor, preempted after its first checkpoint, requeued and resumed from that
+checkpoint.
 """
 
 import argparse
@@ -23,7 +24,12 @@ import submitit
 from detectron2.engine import default_argument_parser
 
 from acamkd.data import add_register_coco_argument
-from acamkd.slurm import Rendezvous, TrainingJob, rendezvous_from_job_environment, rendezvous_port
+from acamkd.training.slurm import (
+    Rendezvous,
+    TrainingJob,
+    rendezvous_from_job_environment,
+    rendezvous_port,
+)
 
 from tiny_models import REPO, distill_cfg
 
@@ -92,7 +98,10 @@ def test_launch_options_are_refused() -> None:
 
 
 def test_import_acamkd_does_not_import_submitit() -> None:
-    code = "import sys, acamkd, acamkd.slurm; assert 'submitit' not in sys.modules, 'imported'"
+    code = (
+        "import sys, acamkd, acamkd.training.slurm; "
+        "assert 'submitit' not in sys.modules, 'imported'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -35,7 +35,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import acamkd
-from acamkd import env as acamkd_env
+from acamkd.training import env as acamkd_env
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 64
@@ -165,7 +165,7 @@ def test_env_report_survives_failing_collect_env_info(
 
 def test_env_module_runs_as_script() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "acamkd.env"],
+        [sys.executable, "-m", "acamkd.training.env"],
         capture_output=True,
         text=True,
         timeout=120,

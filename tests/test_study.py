@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 
 from acamkd import get_acamkd_cfg
 from acamkd.data import generate_streets
-from acamkd.study import (
+from acamkd.experiments.study import (
     VARIANT_SETS,
     StudySpec,
     Variant,
@@ -167,7 +167,7 @@ def test_tiny_study_end_to_end_and_resumed(tmp_path, tiny_streets, monkeypatch):
 
 
 def test_stage_is_finished_only_when_readable_and_trained_as_asked(tmp_path, monkeypatch):
-    import acamkd.stages as stages
+    import acamkd.experiments.stages as stages
 
     calls = []
 
@@ -196,7 +196,7 @@ def test_stage_is_finished_only_when_readable_and_trained_as_asked(tmp_path, mon
 
 
 def test_stage_retrains_when_its_config_resolves_differently(tmp_path, monkeypatch):
-    import acamkd.stages as stages
+    import acamkd.experiments.stages as stages
 
     monkeypatch.setattr(
         stages.subprocess,
@@ -225,7 +225,7 @@ def test_stage_retrains_when_its_config_resolves_differently(tmp_path, monkeypat
 
 
 def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monkeypatch):
-    import acamkd.stages as stages
+    import acamkd.experiments.stages as stages
 
     out = str(tmp_path / "study")
     order, tables = [], []
@@ -252,7 +252,7 @@ def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monke
 
 
 def test_a_run_keeps_its_key_when_a_default_changes(monkeypatch):
-    import acamkd.study as study
+    import acamkd.experiments.study as study
 
     names = {v.name: v for v in VARIANT_SETS["objective"] + VARIANT_SETS["paper-ablation"]}
     spec = _spec()
@@ -279,7 +279,7 @@ def test_a_run_keeps_its_key_when_a_default_changes(monkeypatch):
 
 
 def test_table_only_trains_nothing_and_tables_the_finished_runs(tmp_path, monkeypatch):
-    import acamkd.stages as stages
+    import acamkd.experiments.stages as stages
 
     out = str(tmp_path / "study")
     trained = []
@@ -331,7 +331,7 @@ def test_methods_set_keys_each_method_by_its_own_settings():
 
 
 def test_methods_study_leaves_fgd_out_of_segmentation_and_needs_maskd_tokens():
-    from acamkd.study import applicable_variants
+    from acamkd.experiments.study import applicable_variants
 
     seg = "configs/Streets-SemanticSegmentation"
     spec = _spec(

@@ -11,9 +11,9 @@ import torch
 from detectron2.modeling import build_model
 
 from acamkd import DistillationCheckpointer, get_acamkd_cfg
-from acamkd.checkpoint import TeacherWeightsError, load_teacher_weights
 from acamkd.lazy import build_lazy_teacher
 from acamkd.modeling.teacher import build_teacher_cfg
+from acamkd.training.teacher_weights import TeacherWeightsError, load_teacher_weights
 
 from tiny_models import REPO, distill_cfg
 from troubleshooting import assert_documented
@@ -74,7 +74,7 @@ def test_building_reads_no_file_and_the_checkpointer_loads_the_teacher(tmp_path,
     assert model.teacher_weights.path == missing and model.teacher_parts_used == ("backbone",)
 
     model = build_model(_detection_cfg(path))
-    records = log_records("acamkd.checkpoint")
+    records = log_records("acamkd.training.teacher_weights")
     _start(model)
     _assert_teacher_is(model, state)
     assert f"Loaded the teacher from '{path}' (MODEL.ACAMKD.TEACHER.WEIGHTS)" in _text(records)
@@ -126,7 +126,7 @@ def test_a_checkpoint_of_another_depth_is_refused(tmp_path, log_records):
             str(tmp_path / "r18.pth"), depth=34, extra=["MODEL.ACAMKD.TEACHER.STRICT", "False"]
         )
     )
-    records = log_records("acamkd.checkpoint")
+    records = log_records("acamkd.training.teacher_weights")
     _start(model)
     _assert_teacher_is(model, r18)
     assert "MODEL.ACAMKD.TEACHER.STRICT False is set: distilling anyway" in _text(records)
@@ -152,7 +152,7 @@ def test_a_checkpoint_of_another_class_count(tmp_path, log_records):
     path = _save(state, tmp_path, "five_classes.pth")
     # FPN distillation reads the backbone only: the head is logged, the backbone loads.
     model = build_model(_detection_cfg(path))
-    records = log_records("acamkd.checkpoint")
+    records = log_records("acamkd.training.teacher_weights")
     _start(model)
     _assert_teacher_is(model, {k: v for k, v in state.items() if k.startswith("backbone.")})
     assert "head.cls_score.weight" in _text(records)
@@ -194,7 +194,7 @@ def test_logits_distillation_refuses_a_teacher_of_another_class_count(tmp_path, 
     )
     # STRICT False: loaded where it fits, the rest logged.
     model = build_model(_seg_cfg(path, ["MODEL.ACAMKD.TEACHER.STRICT", "False"]))
-    records = log_records("acamkd.checkpoint")
+    records = log_records("acamkd.training.teacher_weights")
     _start(model)
     assert "MODEL.ACAMKD.TEACHER.STRICT False is set: distilling anyway" in _text(records)
 
@@ -203,7 +203,7 @@ def test_extra_keys_are_logged_and_the_teacher_loads(tmp_path, log_records):
     state = _teacher_state()
     extra = dict(state, **{"roi_heads.mask_head.predictor.weight": torch.ones(2, 8, 1, 1)})
     model = build_model(_detection_cfg(_save(extra, tmp_path, "extra.pth")))
-    records = log_records("acamkd.checkpoint")
+    records = log_records("acamkd.training.teacher_weights")
     _start(model)
     _assert_teacher_is(model, state)
     assert "has 1 tensors the teacher does not have; they are ignored: " in _text(records)

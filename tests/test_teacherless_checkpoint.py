@@ -16,11 +16,12 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 
 from acamkd import DistillationCheckpointer
-from acamkd import checkpoint as acamkd_checkpoint
-from acamkd.checkpoint import TEACHER_SOURCE_KEY, TeacherWeightsError
-from acamkd.export import export_student
 from acamkd.modeling.teacher import build_teacher_cfg
-from acamkd.visualization import load_distiller_checkpoint
+from acamkd.pictures.visualization import load_distiller_checkpoint
+from acamkd.training import teacher_weights
+from acamkd.training.checkpointer import TEACHER_SOURCE_KEY
+from acamkd.training.export import export_student
+from acamkd.training.teacher_weights import TeacherWeightsError
 
 from tiny_models import REPO, distill_cfg
 from troubleshooting import assert_documented
@@ -35,8 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def info(log_records):
-    """The checkpointer's log lines (INFO and above)."""
-    return log_records("acamkd.checkpoint", logging.INFO)
+    """The log lines (INFO and above) of the checkpointer and of the weights it loads."""
+    return log_records("acamkd.training", logging.INFO)
 
 
 def _cfg(weights: str, **kwargs):
@@ -106,10 +107,8 @@ def _assert_same(a: dict, b: dict) -> None:
 def test_a_checkpoint_holds_no_teacher_but_its_source_and_hash(tmp_path, monkeypatch):
     teacher = _teacher_file(tmp_path)
     hashes = []
-    real = acamkd_checkpoint.hashlib.sha256
-    monkeypatch.setattr(
-        acamkd_checkpoint.hashlib, "sha256", lambda *a: hashes.append(1) or real(*a)
-    )
+    real = teacher_weights.hashlib.sha256
+    monkeypatch.setattr(teacher_weights.hashlib, "sha256", lambda *a: hashes.append(1) or real(*a))
     model, _, checkpointer = _trained(_cfg(teacher), str(tmp_path / "out"))
     for i in range(3):  # periodic saves: the teacher's file is hashed once
         checkpointer.save(f"model_{i:07d}", iteration=i)

@@ -15,8 +15,8 @@ import torch
 from detectron2.engine import DefaultPredictor, launch
 
 from acamkd import DistillationCheckpointer, DistillationTrainer
-from acamkd.engine.nonfinite import FiniteSimpleTrainer
-from acamkd.export import export_student
+from acamkd.training.export import export_student
+from acamkd.training.nonfinite import FiniteSimpleTrainer
 
 from tiny_models import distill_cfg, register_tiny_dataset
 

@@ -14,8 +14,8 @@ import torch
 from detectron2.modeling import build_model
 
 from acamkd import DistillationCheckpointer, DistillationTrainer
-from acamkd.mask_maps import compute_level_maps, feature_energy, load_images
-from acamkd.visualization import mask_figure_size
+from acamkd.pictures.mask_maps import compute_level_maps, feature_energy, load_images
+from acamkd.pictures.visualization import mask_figure_size
 
 from tiny_models import REPO, distill_cfg, register_tiny_dataset, tensorboard_images
 

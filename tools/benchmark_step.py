@@ -4,7 +4,7 @@ Time a distillation step against its floor (the student's training step plus the
 forward) for a YAML config, image size and batch, in one process with interleaved rounds, with
 random weights and synthetic images and boxes; break ACAM's part down per level (forward and
 backward); print the ratio distill / floor and the peak memory growth; write JSON (one entry
-per implementation). See ``acamkd.benchmark``.
+per implementation). See ``acamkd.experiments.benchmark``.
 
 Usage:
     python tools/benchmark_step.py \\
@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from acamkd.benchmark import benchmark_step, format_report
+from acamkd.experiments.benchmark import benchmark_step, format_report
 
 
 def main() -> None:

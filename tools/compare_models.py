@@ -13,7 +13,8 @@ model-zoo name) plus a checkpoint, optionally followed by overrides in the confi
         --model acamkd configs/COCO-Detection/acamkd_retinanet_R_50_from_R_101_FPN_2x.yaml \\
             output/acamkd_retinanet/model_final.pth
 
-A distiller is measured as its student alone. See ``acamkd.compare`` for what each column is.
+A distiller is measured as its student alone. See ``acamkd.experiments.compare`` for what each
+column is.
 """
 import argparse
 import logging
@@ -24,8 +25,8 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 import acamkd  # noqa: F401  (registers the meta-architecture, backbones and heads)
-from acamkd.compare import ModelSpec, compare_models, format_markdown
 from acamkd.data import add_register_coco_argument, register_coco_datasets
+from acamkd.experiments.compare import ModelSpec, compare_models, format_markdown
 
 
 def build_argument_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from acamkd.demo import run_demo
+from acamkd.experiments.demo import run_demo
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import argparse
 
 import acamkd  # noqa: F401  (registers the distiller)
 from acamkd import get_acamkd_cfg
-from acamkd.export import export_student
+from acamkd.training.export import export_student
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 """
 Plot a logged scalar (default ``total_loss``) of several runs against the iteration, from
 their ``metrics.json``: runs given the same label (e.g. seeds) are drawn as their mean with the
-min-max band. See ``acamkd.curves``.
+min-max band. See ``acamkd.experiments.curves``.
 
     python tools/plot_curves.py --output docs/figures/detectors_streets_loss.png \\
         --run RetinaNet=output/detectors/retinanet/runs/* --run FCOS=output/detectors_fcos/runs/*
@@ -12,7 +12,7 @@ import glob
 import json
 from collections import defaultdict
 
-from acamkd.curves import plot_curves
+from acamkd.experiments.curves import plot_curves
 
 
 def main() -> None:

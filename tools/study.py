@@ -40,8 +40,8 @@ import os
 
 from detectron2.utils.logger import setup_logger
 
-from acamkd.stages import Stage
-from acamkd.study import VARIANT_SETS, StudySpec, parse_variant, run_study
+from acamkd.experiments.stages import Stage
+from acamkd.experiments.study import VARIANT_SETS, StudySpec, parse_variant, run_study
 
 
 def get_parser() -> argparse.ArgumentParser:

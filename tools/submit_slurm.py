@@ -25,7 +25,7 @@ import sys
 from typing import List, Optional
 
 from acamkd.config import REPO_ROOT
-from acamkd.slurm import TrainingJob, import_submitit
+from acamkd.training.slurm import TrainingJob, import_submitit
 
 
 def parse_time(value: str) -> int:

@@ -32,8 +32,8 @@ from detectron2.utils.logger import setup_logger
 import acamkd  # noqa: F401  (registers the distiller, backbones, heads and datasets)
 from acamkd import get_acamkd_cfg
 from acamkd.data import add_register_coco_argument, register_coco_datasets
-from acamkd.mask_maps import load_images
-from acamkd.visualization import visualize_checkpoints
+from acamkd.pictures.mask_maps import load_images
+from acamkd.pictures.visualization import visualize_checkpoints
 
 # A config key such as MODEL.DEVICE: where the file lists of --checkpoints/--images end and the
 # trailing KEY VALUE overrides begin (argparse would take them as more files).

@@ -2,16 +2,16 @@
 
 Importing the package registers everything in detectron2's registries, and nothing more: the
 ACAMDistiller meta-architecture, a YAML-buildable FCOS, RepPoints, the segmentation backbones
-and heads, and the generated ``streets_*`` dataset names. The trainer (``acamkd.engine``, with
-its hooks and matplotlib figures), the tools' modules (``demo``, ``compare``, ``study``,
-``stages``, ``env``, ``benchmark``, ``slurm``, ``visualization``) and the street generator are
+and heads, and the generated ``streets_*`` dataset names. The trainer (``acamkd.training``,
+with its hooks and matplotlib figures), the tools' modules (``acamkd.experiments``,
+``acamkd.pictures``, the environment report and the Slurm launcher) and the street generator are
 imported where they are used; ``acamkd.DistillationTrainer`` is imported on first access.
 """
 
 from . import _deferred, data, modeling  # noqa: F401  (registration happens on import)
-from .checkpoint import DistillationCheckpointer
 from .config import add_acamkd_config, get_acamkd_cfg
 from .modeling import ACAMDistiller, ACAMLevel
+from .training.checkpointer import DistillationCheckpointer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,4 +24,6 @@ __all__ = [
 ]
 
 # Imported on first access: name -> submodule.
-__getattr__, __dir__ = _deferred.deferred_names(__name__, {"DistillationTrainer": "engine"})
+__getattr__, __dir__ = _deferred.deferred_names(
+    __name__, {"DistillationTrainer": "training.trainer"}
+)

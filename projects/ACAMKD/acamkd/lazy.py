@@ -24,9 +24,9 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.modeling import build_model
 
 from .config import get_acamkd_cfg
-from .evaluation import build_evaluator
 from .modeling.methods import DISTILL_METHOD_REGISTRY, method_names
 from .modeling.teacher import build_lazy_teacher, resolve_config_file
+from .training.evaluation import build_evaluator
 
 __all__ = [
     "build_acam_levels",

@@ -2,10 +2,11 @@
 
 In a YAML config the teacher is described by ``MODEL.ACAMKD.TEACHER.{CONFIG_FILE, OPTS,
 WEIGHTS, STRICT}``; in a LazyConfig by ``L(build_lazy_teacher)(config=..., weights=...)``.
-Building it reads no weights: the builders attach a :class:`~acamkd.checkpoint.TeacherWeights`
-and :class:`~acamkd.checkpoint.DistillationCheckpointer` loads it when a run starts, separately
-from the student because detectron2's checkpoint loader matches keys by suffix and fails when
-one key matches both ``teacher.*`` and ``student.*``.
+Building it reads no weights: the builders attach a
+:class:`~acamkd.training.teacher_weights.TeacherWeights` and
+:class:`~acamkd.training.checkpointer.DistillationCheckpointer` loads it when a run starts,
+separately from the student because detectron2's checkpoint loader matches keys by suffix and
+fails when one key matches both ``teacher.*`` and ``student.*``.
 """
 
 import difflib
@@ -21,8 +22,8 @@ from detectron2 import model_zoo
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.modeling import build_model
 
-from ..checkpoint import TeacherWeights
 from ..config import REPO_ROOT, get_acamkd_cfg
+from ..training.teacher_weights import TeacherWeights
 
 __all__ = [
     "resolve_config_file",
@@ -194,7 +195,7 @@ def _with_weights(teacher: nn.Module, weights: TeacherWeights) -> nn.Module:
 def build_frozen_teacher(tcfg: CfgNode, weights: Optional[TeacherWeights] = None) -> nn.Module:
     """
     Build the teacher from its config, frozen, without reading any file: its weights are
-    loaded by :class:`~acamkd.checkpoint.DistillationCheckpointer` when a run starts.
+    loaded by :class:`~acamkd.training.checkpointer.DistillationCheckpointer` when a run starts.
 
     Args:
         tcfg (CfgNode): the teacher's config, see :func:`build_teacher_cfg`.
@@ -219,8 +220,8 @@ def build_lazy_teacher(
     The frozen teacher of a LazyConfig, ``L(build_lazy_teacher)(config=..., weights=...)``:
     built from its own config, a YAML or a LazyConfig ``.py``, and frozen. It is built on the
     CPU; the training script moves the whole distiller to ``train.device``. ``weights`` is not
-    read here: :class:`~acamkd.checkpoint.DistillationCheckpointer` loads it when a run starts
-    without a distiller checkpoint.
+    read here: :class:`~acamkd.training.checkpointer.DistillationCheckpointer` loads it when a
+    run starts without a distiller checkpoint.
 
     Args:
         config (str): the teacher's config: a path or a detectron2 model-zoo name such as
@@ -232,7 +233,8 @@ def build_lazy_teacher(
             KEY VALUE list for a YAML ("MODEL.RESNETS.DEPTH", "50"), "key=value" strings for a
             ``.py`` ("model.backbone.bottom_up.stages.depth=50").
         strict (bool): every tensor distillation uses must load from ``weights`` with its
-            shape (see :func:`~acamkd.checkpoint.load_teacher_weights`); False only logs them.
+            shape (see :func:`~acamkd.training.teacher_weights.load_teacher_weights`); False
+            only logs them.
 
     Returns:
         nn.Module: the teacher in eval mode, without gradients, randomly initialised.

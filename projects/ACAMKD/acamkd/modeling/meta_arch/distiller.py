@@ -14,7 +14,7 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ASPP
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
-from ...checkpoint import TeacherWeights
+from ...training.teacher_weights import TeacherWeights
 from ..methods import LevelContext, LevelOutput, build_distill_method
 from ..methods.common import current_storage
 from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
@@ -94,9 +94,9 @@ class ACAMDistiller(nn.Module):
     per-level losses and statistics go to the event storage under ``acam/<level>/...``. Eval
     returns exactly the student's outputs.
 
-    Building it reads no weights: :class:`~acamkd.checkpoint.DistillationCheckpointer` loads
-    the teacher's (:attr:`teacher_weights`) and applies the inheritance strategy when a run
-    starts without a distiller checkpoint.
+    Building it reads no weights: :class:`~acamkd.training.checkpointer.DistillationCheckpointer`
+    loads the teacher's (:attr:`teacher_weights`) and applies the inheritance strategy when a
+    run starts without a distiller checkpoint.
     """
 
     @configurable
@@ -214,9 +214,9 @@ class ACAMDistiller(nn.Module):
     def teacher_parts_used(self) -> Tuple[str, ...]:
         """
         The teacher's submodules whose weights distillation reads, which must load from its
-        checkpoint (see :func:`~acamkd.checkpoint.load_teacher_weights`): the backbone (with
-        the FPN), also ``sem_seg_head`` for logits; with the inheritance strategy, which
-        copies its FPN and heads, also "", the whole teacher.
+        checkpoint (see :func:`~acamkd.training.teacher_weights.load_teacher_weights`): the
+        backbone (with the FPN), also ``sem_seg_head`` for logits; with the inheritance
+        strategy, which copies its FPN and heads, also "", the whole teacher.
         """
         parts = _TEACHER_PARTS_USED[self.distill_target]
         return parts + ("",) if self.inherit_teacher else parts

@@ -7,7 +7,7 @@ MasKD: masked distillation with receptive tokens (Huang et al., ICLR 2023), in t
 - Stage 2, :class:`MasKD` (``MODEL.ACAMKD.METHOD: "MasKD"`` in an ``ACAMDistiller``): those
   tokens, frozen, weight a feature-imitation loss per mask. They are loaded from
   ``MODEL.ACAMKD.MASKD.TOKENS`` (stage 1's checkpoint) by the checkpointer when a run starts,
-  strictly (see :class:`~acamkd.checkpoint.FrozenWeights`).
+  strictly (see :class:`~acamkd.training.frozen_weights.FrozenWeights`).
 
 Written from the specification in ``RIVALS.md`` ("5. MasKD", from the authors' code
 hunto/MasKD).
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from detectron2.config import CfgNode, configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...checkpoint import FrozenWeights, TeacherWeights
+from ...training.frozen_weights import FrozenWeights
+from ...training.teacher_weights import TeacherWeights
 from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
 from .common import alignment, check_level_inputs, current_storage, full_precision
 from .registry import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput, family_setting
@@ -413,9 +414,9 @@ class MasKDTokenLearner(nn.Module):
 
     The teacher gets no gradient, and its normalisation and dropout layers stay in eval mode
     (statistics frozen) while its heads run their training path. Only the tokens are trained.
-    Building reads no weights: :class:`~acamkd.checkpoint.DistillationCheckpointer` loads the
-    teacher from ``MODEL.ACAMKD.TEACHER.WEIGHTS`` (strictly: all of it is used) when a run
-    starts, and its checkpoints hold the tokens, the teacher only as where it came from.
+    Building reads no weights: :class:`~acamkd.training.checkpointer.DistillationCheckpointer`
+    loads the teacher from ``MODEL.ACAMKD.TEACHER.WEIGHTS`` (strictly: all of it is used) when
+    a run starts, and its checkpoints hold the tokens, the teacher only as where it came from.
     Stage 2 reads the tokens from the ``tokens.<level>.`` keys of such a checkpoint.
     """
 

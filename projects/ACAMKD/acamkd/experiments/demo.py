@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..data import generate_streets
 from .compare import ModelSpec, compare_models, format_markdown, json_safe
-from .data import generate_streets
 from .stages import REPO_ROOT, Stage, read_metrics, run_side_by_side
 
 __all__ = ["demo_stages", "run_demo", "read_training_log"]

@@ -1,6 +1,6 @@
 """
 The ACAM masks of a distiller as arrays, without matplotlib: what ``tools/visualize_masks.py``
-and the training hook draw (:mod:`acamkd.visualization`).
+and the training hook draw (:mod:`acamkd.pictures.visualization`).
 
 For one image and one distilled level, :func:`compute_level_maps` runs the distiller and returns
 the M spatial masks, the M x C channel masks and the energy (mean of squares over channels) of
@@ -24,9 +24,9 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
-from .checkpoint import DistillationCheckpointer, is_distiller_state
-from .modeling.acam import ACAMOutput
-from .modeling.meta_arch.distiller import ACAMDistiller
+from ..modeling.acam import ACAMOutput
+from ..modeling.meta_arch.distiller import ACAMDistiller
+from ..training.checkpointer import DistillationCheckpointer, is_distiller_state
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -221,7 +221,7 @@ class _DistillerOnlyCheckpointer(DistillationCheckpointer):
 def load_distiller_checkpoint(model: ACAMDistiller, path: str) -> Dict[str, object]:
     """
     Load a distillation checkpoint (student and ACAM modules; the teacher is reloaded from
-    its recorded source, see :class:`~acamkd.checkpoint.DistillationCheckpointer`) into
+    its recorded source, see :class:`~acamkd.training.checkpointer.DistillationCheckpointer`) into
     ``model``.
 
     Returns:

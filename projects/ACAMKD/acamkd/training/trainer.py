@@ -17,8 +17,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.checks import StopOnUnreadableImage, check_num_classes
-from ..evaluation import build_evaluator
 from .common import build_checkpointer, build_step_trainer, load_for_training, with_project_hooks
+from .evaluation import build_evaluator
 from .nonfinite import YAML_CURES
 
 __all__ = ["DistillationTrainer", "create_ddp_model", "is_semantic_segmentation"]
@@ -79,7 +79,7 @@ class DistillationTrainer(DefaultTrainer):
       masks goes to TensorBoard.
 
     The step loop, the checkpointer, its loading and these hooks are the LazyConfig loop's
-    too (:mod:`acamkd.engine.common`).
+    too (:mod:`acamkd.training.common`).
     """
 
     def __init__(self, cfg: CfgNode):

@@ -1,6 +1,6 @@
 """
 Figures of what ACAM-KD's masks do, for ``tools/visualize_masks.py`` and the training hook,
-drawn from the arrays of :mod:`acamkd.mask_maps`.
+drawn from the arrays of :mod:`acamkd.pictures.mask_maps`.
 
 One figure row shows one level of one image as the distiller sees it: the M spatial masks
 overlaid on the image, the energy (mean of squares over channels) of the fused, teacher and
@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from detectron2.config import CfgNode
 
+from ..modeling.meta_arch.distiller import ACAMDistiller
 from .mask_maps import (
     LevelMaps,
     build_distiller_for_checkpoints,
@@ -31,7 +32,6 @@ from .mask_maps import (
     image_to_rgb,
     load_distiller_checkpoint,
 )
-from .modeling.meta_arch.distiller import ACAMDistiller
 
 __all__ = [
     "MaskRow",
@@ -121,7 +121,7 @@ def visualize_checkpoints(
     Args:
         cfg (CfgNode): the distillation config of the run.
         checkpoints (list[str]): distillation checkpoints of that run.
-        inputs (list[dict]): images from :func:`acamkd.mask_maps.load_images`.
+        inputs (list[dict]): images from :func:`acamkd.pictures.mask_maps.load_images`.
         model (ACAMDistiller): the model to load into; built from ``cfg`` if None. The
             teacher is loaded from ``MODEL.ACAMKD.TEACHER.WEIGHTS``, which must have the
             content the checkpoints record (once for all of them).

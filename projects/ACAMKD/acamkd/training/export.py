@@ -9,8 +9,8 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
-from .checkpoint import is_distiller_state
-from .modeling.meta_arch.reppoints import add_reppoints_config
+from ..modeling.meta_arch.reppoints import add_reppoints_config
+from .checkpointer import is_distiller_state
 
 __all__ = ["export_student", "student_state_dict", "plain_student_cfg"]
 

@@ -32,11 +32,11 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 
-from .checkpoint import DistillationCheckpointer, load_checkpoint
-from .config import get_acamkd_cfg
-from .lazy import build_dataset_evaluator
-from .modeling import ACAMDistiller
-from .modeling.teacher import resolve_config_file
+from ..config import get_acamkd_cfg
+from ..lazy import build_dataset_evaluator
+from ..modeling import ACAMDistiller
+from ..modeling.teacher import resolve_config_file
+from ..training.checkpointer import DistillationCheckpointer, load_checkpoint
 
 __all__ = [
     "ModelSpec",

@@ -1,7 +1,7 @@
 """
 Training and evaluation from a LazyConfig ``.py`` file, on detectron2's
 ``tools/lazyconfig_train_net.py`` template, with what the YAML trainer has too
-(:mod:`acamkd.engine.common`): this project's checkpointer (``train.init_checkpoint``
+(:mod:`acamkd.training.common`): this project's checkpointer (``train.init_checkpoint``
 initialises the student only; ``--resume`` restores everything), the step loop that stops at a
 non-finite loss, the mask-statistics table, the mask-collapse warning and the TensorBoard mask
 figure; and DDP that also runs on CPU processes.

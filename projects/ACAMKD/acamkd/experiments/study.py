@@ -7,7 +7,7 @@ ACAM-KD reading, or another distillation method (``METHOD``).
 Runs are keyed by what they train (config, effective settings, seed, common overrides), not by
 the variant's name, so a run shared by two studies (the baseline, "no mask", the full method
 under the chosen objective) is trained once and reused. Every run is a resumable
-:class:`~acamkd.stages.Stage`: finished runs are skipped, an interrupted one resumes.
+:class:`~acamkd.experiments.stages.Stage`: finished runs are skipped, an interrupted one resumes.
 """
 
 import hashlib
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from ..training.mask_collapse import is_collapsed, read_final_statistics
 from .compare import json_safe
-from .engine.mask_collapse import is_collapsed, read_final_statistics
 from .stages import REPO_ROOT, Stage, final_metrics, read_metrics
 
 __all__ = [
@@ -199,7 +199,7 @@ class StudySpec:
 
 
 def _yaml_cfg(spec: StudySpec):
-    from .modeling.teacher import get_acamkd_cfg
+    from ..modeling.teacher import get_acamkd_cfg
 
     cfg = get_acamkd_cfg()
     cfg.merge_from_file(os.path.join(REPO_ROOT, spec.config))
@@ -281,7 +281,7 @@ def applicable_variants(spec: StudySpec) -> List[Variant]:
     left out, with a log line, of a study that distils segmentation logits. A MasKD row without
     stage 1's tokens is an error before anything trains.
     """
-    from .modeling.methods import DISTILL_METHOD_REGISTRY
+    from ..modeling.methods import DISTILL_METHOD_REGISTRY
 
     target = "fpn" if spec.is_lazy else _yaml_cfg(spec).MODEL.ACAMKD.DISTILL_TARGET
     kept = []

@@ -47,7 +47,7 @@ def unwrap_distiller(model: nn.Module) -> Optional[ACAMDistiller]:
 class MaskVisualizationHook(HookBase):
     """
     Every ``period`` iterations, runs the distiller on one fixed image and puts a figure of its
-    masks (one row per level, see :func:`acamkd.visualization.render_mask_figure`) into the
+    masks (one row per level, see :func:`acamkd.pictures.visualization.render_mask_figure`) into the
     event storage, which detectron2's TensorBoard writer writes as an image.
 
     The image is the first record of ``dataset`` passed through ``mapper`` (a test-time
@@ -109,7 +109,7 @@ class MaskVisualizationHook(HookBase):
 
     def _figure(self, model: ACAMDistiller, iteration: int) -> torch.Tensor:
         # Drawing needs matplotlib: imported when the first figure is made, not with the trainer.
-        from ..visualization import level_rows, render_mask_figure
+        from ..pictures.visualization import level_rows, render_mask_figure
 
         # The distiller is fed images in the student's format (INPUT.FORMAT).
         rows = level_rows(model, self._input, model.student_input_format)
@@ -193,7 +193,7 @@ def acam_settings(model: nn.Module) -> Dict[str, object]:
 class MaskCollapseHook(HookBase):
     """
     Warns, once per level and mask kind, when a level's spatial or channel masks collapse
-    (:class:`acamkd.engine.mask_collapse.MaskCollapseGuard`): every ``period`` iterations and
+    (:class:`acamkd.training.mask_collapse.MaskCollapseGuard`): every ``period`` iterations and
     at the last one, it reads the median over the period of each ``acam/<level>/...`` scalar
     from the event storage and passes them to the guard. Runs without ACAM statistics (plain
     detectors, the no-mask ablation) are never warned about.

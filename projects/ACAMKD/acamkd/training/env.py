@@ -1,6 +1,6 @@
 """Environment report: detectron2's own table plus where this project's stack came from.
 
-Run it as ``python -m acamkd.env`` (or ``make env``) and paste the output into bug reports.
+Run it as ``python -m acamkd.training.env`` (or ``make env``) and paste the output into bug reports.
 
 detectron2 reaches this project by one of two routes (see ``tools/setup_env.sh``): the upstream
 git install pinned to commit ``a59f0563``, or, where GitHub is unreachable, PyPI's
@@ -213,7 +213,8 @@ def collect_acamkd_env() -> List[Tuple[str, str]]:
     except Exception as e:
         rows.append(("torch", _error_text(e)))
     rows.append(("acamkd", _safe(_acamkd_version)))
-    rows.append(("acamkd path", os.path.dirname(os.path.abspath(__file__))))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # acamkd/training/..
+    rows.append(("acamkd path", package))
     return rows
 
 

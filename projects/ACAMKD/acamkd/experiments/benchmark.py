@@ -53,14 +53,14 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from .modeling.meta_arch.distiller import (
+from ..modeling.meta_arch.distiller import (
     _FEATURE_MODULE,
     ACAMDistiller,
     _capture_output,
     _level_context,
 )
-from .modeling.methods import DISTILL_METHOD_REGISTRY, LevelContext, build_distill_method
-from .modeling.teacher import get_acamkd_cfg
+from ..modeling.methods import DISTILL_METHOD_REGISTRY, LevelContext, build_distill_method
+from ..modeling.teacher import get_acamkd_cfg
 
 __all__ = ["IMPLS", "benchmark_step", "build_benchmark_cfg", "synthetic_batch", "format_report"]
 

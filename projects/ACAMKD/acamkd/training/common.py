@@ -1,16 +1,16 @@
 """
-What the two engines share, defined once: the YAML trainer (:class:`~acamkd.engine.trainer.
-DistillationTrainer`) and the LazyConfig loop (:mod:`acamkd.engine.lazy_train`) differ only in
+What the two engines share, defined once: the YAML trainer (:class:`~acamkd.training.trainer.
+DistillationTrainer`) and the LazyConfig loop (:mod:`acamkd.training.lazy_train`) differ only in
 where they read their settings, so a run behaves the same whichever config style starts it.
 
 - :func:`build_step_trainer`: detectron2's ``SimpleTrainer`` or ``AMPTrainer``, stopping at a
   non-finite loss with the cures named in the config style's keys;
 - :func:`build_checkpointer`, :func:`load_for_training`, :func:`load_for_evaluation`: the
-  :class:`~acamkd.checkpoint.DistillationCheckpointer` of a run, what it loads when a run
-  starts (the last checkpoint with ``--resume``, else the student's initial weights and the
+  :class:`~acamkd.training.checkpointer.DistillationCheckpointer` of a run, what it loads when a
+  run starts (the last checkpoint with ``--resume``, else the student's initial weights and the
   teacher's) and when ``--eval-only`` evaluates (the student alone, no teacher file read);
 - :func:`with_project_hooks`: this project's hooks around detectron2's standard ones;
-- the evaluator: :func:`acamkd.evaluation.build_evaluator`, which the YAML trainer and the
+- the evaluator: :func:`acamkd.training.evaluation.build_evaluator`, which the YAML trainer and the
   ``.py`` configs (``acamkd.lazy.build_dataset_evaluator``) both call.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from detectron2.engine import HookBase, PeriodicWriter, SimpleTrainer
 from detectron2.utils import comm
 
-from ..checkpoint import DistillationCheckpointer, load_checkpoint
+from .checkpointer import DistillationCheckpointer, load_checkpoint
 from .hooks import ACAMStatsPrinter, MaskCollapseHook, MaskVisualizationHook, unwrap_distiller
 from .nonfinite import FiniteAMPTrainer, FiniteSimpleTrainer
 
@@ -45,7 +45,7 @@ def build_step_trainer(model: nn.Module, data_loader, optimizer, *, amp: bool, c
         model, data_loader, optimizer: as detectron2's ``SimpleTrainer`` takes them.
         amp (bool): mixed precision (``AMPTrainer``; needs a GPU).
         cures (str): the settings a non-finite loss's message suggests,
-            :data:`~acamkd.engine.nonfinite.YAML_CURES` or ``LAZY_CURES``.
+            :data:`~acamkd.training.nonfinite.YAML_CURES` or ``LAZY_CURES``.
 
     Returns:
         SimpleTrainer: a :class:`FiniteSimpleTrainer` or :class:`FiniteAMPTrainer`.

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from .checkpoint import is_readable_checkpoint
-from .config import REPO_ROOT
+from ..config import REPO_ROOT
+from ..training.checkpoint_files import is_readable_checkpoint
 
 __all__ = [
     "Stage",
@@ -58,7 +58,7 @@ def resolved_config_digest(config: str, opts: Sequence[str]) -> str:
 
         text = OmegaConf.to_yaml(LazyConfig.apply_overrides(LazyConfig.load(path), list(opts)))
     else:
-        from .config import get_acamkd_cfg
+        from ..config import get_acamkd_cfg
 
         cfg = get_acamkd_cfg()
         cfg.merge_from_file(path)

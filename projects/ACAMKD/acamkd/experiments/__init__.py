@@ -1,0 +1,1 @@
+"""Experiments: resumable runs, studies, the demo, model comparisons, curves, step benchmark."""

@@ -1,0 +1,1 @@
+"""Pictures: a distiller's masks as arrays (no matplotlib) and the figures drawn from them."""

@@ -1,0 +1,1 @@
+"""Training: both engines and hooks, checkpoints, evaluation, export, env report, launching."""
