@@ -26,6 +26,14 @@ import warnings
 # are imported, and this torch marks both deprecated: a FutureWarning per function that a user
 # cannot act on. Only those are silenced, before the imports that raise them.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\._script")
+# detectron2's anchor generator calls torch.meshgrid without `indexing`, which this torch warns
+# about at the first training step: nothing a user can act on either.
+warnings.filterwarnings(
+    "ignore",
+    message=r"torch\.meshgrid: in an upcoming release",
+    category=UserWarning,
+    module=r"torch\.functional",
+)
 
 import logging
 
