@@ -117,7 +117,8 @@ def fgd_box_masks(
         cover = in_rows[:, :, None] & in_cols[:, None, :]  # (K, H, W)
         # An empty box (extent <= 0) covers nothing, so its weight (maybe inf) is never read.
         values = torch.where(cover, weight.to(dtype)[:, None, None], torch.zeros((), dtype=dtype))
-        fg.index_reduce_(0, owner, values.reshape(-1, gh * gw), "amax")
+        values = values.reshape(-1, gh * gw)
+        fg.scatter_reduce_(0, owner[:, None].expand_as(values), values, reduce="amax")
     fg = fg.reshape(num_images, gh, gw)
     bg = (fg == 0).to(dtype)
     bg = bg / bg.sum(dim=(1, 2), keepdim=True).clamp(min=1)
