@@ -35,6 +35,7 @@ from tiny_models import batched_inputs, distill_cfg
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSS_KEY = {"MSE": "loss_mse", "MGD": "loss_mgd", "CWD": "loss_cwd", "PKD": "loss_pkd"}
+LOSS_KEY.update({"FGD": "loss_fgd_fg", "MasKD": "loss_maskd"})
 
 
 def _features(b=2, c=5, h=4, w=6, seed=0):
@@ -236,7 +237,7 @@ def _step_and_check(model, batch, loss_key):
     return storage.latest()
 
 
-@pytest.mark.parametrize("arch", ["RetinaNet", "GeneralizedRCNN", "FCOS"])
+@pytest.mark.parametrize("arch", ["RetinaNet", "GeneralizedRCNN", "FCOS", "RepPoints"])
 @pytest.mark.parametrize("method", ["MSE", "MGD", "CWD", "PKD"])
 def test_one_training_step_per_detector_family(arch, method):
     torch.manual_seed(0)
@@ -244,6 +245,13 @@ def test_one_training_step_per_detector_family(arch, method):
     logged = _step_and_check(model, batched_inputs(), LOSS_KEY[method])
     level = next(iter(model.acam))
     assert f"acam/{level}/{LOSS_KEY[method]}" in logged
+
+
+@pytest.mark.parametrize("method", ["FGD", "MasKD"])
+def test_one_training_step_of_a_reppoints_student(method):
+    torch.manual_seed(0)
+    model = build_model(distill_cfg("RepPoints", extra=["MODEL.ACAMKD.METHOD", method]))
+    _step_and_check(model, batched_inputs(), LOSS_KEY[method])
 
 
 @pytest.mark.parametrize("method", ["MSE", "MGD", "CWD", "PKD"])
