@@ -18,6 +18,7 @@ from .acam_losses import (
     reverse_gradient,
 )
 from .ascm import AdaptiveSpatialChannelMasks
+from .methods.common import alignment, check_level_inputs
 from .methods.registry import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput
 from .stca_ff import ATTENTION_IMPLS, STCAFusion
 
@@ -150,10 +151,7 @@ class ACAMLevel(nn.Module):
         self.masks = masks
         self.mask_source = mask_source
 
-        if align == "always" or student_channels != teacher_channels:
-            self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-        else:
-            self.align = nn.Identity()
+        self.align = alignment(student_channels, teacher_channels, always=align == "always")
         # Only what the chosen row uses is built, so no parameter sits idle in the optimiser.
         self.fusion = self.ascm = None
         if masks != "none" and mask_source == "fused":
@@ -215,7 +213,9 @@ class ACAMLevel(nn.Module):
         Returns:
             ACAMOutput: weighted losses, detached statistics and, if asked for, the masks.
         """
-        self._check_inputs(teacher, student)
+        check_level_inputs(
+            "ACAMLevel", teacher, student, self.teacher_channels, self.student_channels
+        )
         teacher = teacher.detach()
         aligned = self.align(student)
         if self.ascm is None:
@@ -304,22 +304,3 @@ class ACAMLevel(nn.Module):
                 "discrepancy": diff.detach().square().sum(dim=1),
             }
         return ACAMOutput(losses=losses, stats={}, masks=masks_out)
-
-    def _check_inputs(self, teacher: Tensor, student: Tensor) -> None:
-        if teacher.dim() != 4 or student.dim() != 4:
-            raise ValueError(
-                "ACAMLevel: teacher and student must be (B, C, H, W), got "
-                f"{tuple(teacher.shape)} and {tuple(student.shape)}"
-            )
-        tb, tc, th, tw = teacher.shape
-        sb, sc, sh, sw = student.shape
-        if (tb, th, tw) != (sb, sh, sw):
-            raise ValueError(
-                "ACAMLevel: teacher and student must share batch size and grid (B, H, W), got "
-                f"teacher {tuple(teacher.shape)} and student {tuple(student.shape)}"
-            )
-        if tc != self.teacher_channels or sc != self.student_channels:
-            raise ValueError(
-                f"ACAMLevel: expected {self.teacher_channels} teacher and {self.student_channels} "
-                f"student channels, got {tc} and {sc}"
-            )
