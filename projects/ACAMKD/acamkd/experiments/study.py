@@ -283,7 +283,8 @@ def applicable_variants(spec: StudySpec) -> List[Variant]:
     """
     from ..modeling.methods import DISTILL_METHOD_REGISTRY
 
-    target = "fpn" if spec.is_lazy else _yaml_cfg(spec).MODEL.ACAMKD.DISTILL_TARGET
+    node = None if spec.is_lazy else _yaml_cfg(spec).MODEL.ACAMKD  # resolved once
+    target = "fpn" if node is None else node.DISTILL_TARGET
     kept = []
     for variant in spec.variants:
         acam = _effective_acam(spec, variant)
@@ -300,9 +301,7 @@ def applicable_variants(spec: StudySpec) -> List[Variant]:
                 target,
             )
             continue
-        tokens = acam.get("MASKD.TOKENS") or (
-            "" if spec.is_lazy else _yaml_cfg(spec).MODEL.ACAMKD.MASKD.TOKENS
-        )
+        tokens = acam.get("MASKD.TOKENS") or ("" if node is None else node.MASKD.TOKENS)
         if method == "MasKD" and not tokens:
             raise ValueError(
                 f"Study row {variant.name!r} distils with MasKD, which needs the tokens of its "
