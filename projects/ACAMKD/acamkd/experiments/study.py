@@ -133,6 +133,17 @@ VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
         Variant("acamkd", _ACAMKD_DEFAULT),
         Variant("acamkd_teacher_adaptive", {**_ACAMKD_DEFAULT, "MASK_SOURCE": "teacher"}),
     ),
+    # The paper's regime (docs/REGIME.md): on a pair whose student inherits the teacher's FPN
+    # and head, the inheritance alone (a distiller whose loss weighs 0) beside no KD, MSE, the
+    # methods study's best rival (CWD) and ACAM-KD's two readings.
+    "regime": (
+        _BASELINE,
+        Variant("inherit_only", {"METHOD": "MSE", "LOSS_WEIGHT": "0.0"}),
+        Variant("mse", {"METHOD": "MSE"}),
+        Variant("cwd", {"METHOD": "CWD"}),
+        Variant("acamkd", _ACAMKD_DEFAULT),
+        Variant("acamkd_teacher_adaptive", {**_ACAMKD_DEFAULT, "MASK_SOURCE": "teacher"}),
+    ),
 }
 
 
