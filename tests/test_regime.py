@@ -24,6 +24,12 @@ DET = os.path.join(REPO, "configs/Streets-Detection")
 PAIR = os.path.join(DET, "acamkd_fcos_R_18_from_fcos_R_34_pretrained_streets.yaml")
 TEACHER = os.path.join(DET, "fcos_R_34_FPN_pretrained_streets.yaml")
 STUDENT = os.path.join(DET, "fcos_R_18_FPN_pretrained_streets.yaml")
+SEG = os.path.join(REPO, "configs/Streets-SemanticSegmentation")
+SEG_PAIR = os.path.join(
+    SEG, "acamkd_deeplabv3_R_18_OS8_from_deeplabv3_R_34_half_OS8_pretrained_streets.yaml"
+)
+SEG_TEACHER = os.path.join(SEG, "deeplabv3_R_34_half_OS8_pretrained_streets.yaml")
+SEG_STUDENT = os.path.join(SEG, "deeplabv3_R_18_OS8_pretrained_streets.yaml")
 
 
 def _cfg(path, *opts):
@@ -63,6 +69,26 @@ def test_pair_student_starts_from_its_backbone_and_the_teachers_fpn_and_head(tmp
     assert "backbone.bottom_up.res4.5.conv1.weight" not in student
 
 
+def test_segmentation_pair_student_starts_from_its_backbone_and_inherits_nothing(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model(_cfg(SEG_TEACHER, "MODEL.WEIGHTS", ""))
+    DetectionCheckpointer(teacher, str(tmp_path)).save("teacher")
+    pretrained = CropClassifier(_cfg(SEG_STUDENT, "MODEL.WEIGHTS", ""), 6)
+    backbone = save_backbone_pkl(pretrained, str(tmp_path / "backbone.pkl"))
+    cfg = _cfg(SEG_PAIR, "MODEL.WEIGHTS", backbone)
+    cfg.merge_from_list(["MODEL.ACAMKD.TEACHER.WEIGHTS", str(tmp_path / "teacher.pth")])
+    model = build_model(cfg)
+    fresh_head = {k: v.clone() for k, v in model.student.sem_seg_head.state_dict().items()}
+    DistillationCheckpointer(model, str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    student = model.student.backbone.state_dict()
+    for k, v in pretrained.bottom_up.state_dict().items():
+        assert torch.equal(student[k], v), k
+    head = model.student.sem_seg_head.state_dict()
+    assert all(torch.equal(head[k], v) for k, v in fresh_head.items())
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher.state_dict()[k]), k
+
+
 def test_regime_rows_train_what_their_names_say():
     rows = {v.name: v for v in VARIANT_SETS["regime"]}
     assert list(rows) == [
@@ -83,3 +109,15 @@ def test_regime_rows_train_what_their_names_say():
     assert cfg.MODEL.ACAMKD.INHERIT_TEACHER
     assert _cfg(PAIR, *make_stage(spec, rows["cwd"], 0).opts).MODEL.ACAMKD.METHOD == "CWD"
     assert len({make_stage(spec, v, 0).name for v in rows.values()}) == len(rows)
+
+
+def test_inheritance_row_is_left_out_where_the_student_inherits_nothing():
+    from acamkd.experiments.study import applicable_variants
+
+    rows = list(VARIANT_SETS["regime"])
+    det = StudySpec(PAIR, rows, [0], "/tmp/t.pth", TEACHER, baseline_config=STUDENT)
+    assert [v.name for v in applicable_variants(det)] == [v.name for v in rows]
+    seg = StudySpec(SEG_PAIR, rows, [0], "/tmp/t.pth", SEG_TEACHER, baseline_config=SEG_STUDENT)
+    assert [v.name for v in applicable_variants(seg)] == [
+        v.name for v in rows if v.name != "inherit_only"
+    ]

@@ -81,11 +81,14 @@ class Variant:
         acam (dict[str, str]): ``MODEL.ACAMKD`` settings (key without the prefix, value as on
             the command line), on top of the study's common settings.
         student_only (bool): train the student alone (the baseline); ``acam`` is ignored.
+        needs_inheritance (bool): the row only means something when the student inherits the
+            teacher's FPN and head (INHERIT_TEACHER); a study whose pair does not leaves it out.
     """
 
     name: str
     acam: Mapping[str, str] = field(default_factory=dict)
     student_only: bool = False
+    needs_inheritance: bool = False
 
 
 _BASELINE = Variant("baseline", student_only=True)
@@ -138,7 +141,7 @@ VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
     # methods study's best rival (CWD) and ACAM-KD's two readings.
     "regime": (
         _BASELINE,
-        Variant("inherit_only", {"METHOD": "MSE", "LOSS_WEIGHT": "0.0"}),
+        Variant("inherit_only", {"METHOD": "MSE", "LOSS_WEIGHT": "0.0"}, needs_inheritance=True),
         Variant("mse", {"METHOD": "MSE"}),
         Variant("cwd", {"METHOD": "CWD"}),
         Variant("acamkd", _ACAMKD_DEFAULT),
@@ -289,8 +292,9 @@ def make_stage(spec: StudySpec, variant: Variant, seed: int) -> Stage:
 def applicable_variants(spec: StudySpec) -> List[Variant]:
     """
     The variants the study's config can train: a method that reads ground-truth boxes (FGD) is
-    left out, with a log line, of a study that distils segmentation logits. A MasKD row without
-    stage 1's tokens is an error before anything trains.
+    left out, with a log line, of a study that distils segmentation logits, and a row that
+    measures the inheritance alone of a study whose student inherits nothing. A MasKD row
+    without stage 1's tokens is an error before anything trains.
     """
     from ..modeling.methods import DISTILL_METHOD_REGISTRY
 
@@ -310,6 +314,14 @@ def applicable_variants(spec: StudySpec) -> List[Variant]:
                 variant.name,
                 method,
                 target,
+            )
+            continue
+        inherits = acam.get("INHERIT_TEACHER", str(node is None or node.INHERIT_TEACHER))
+        if variant.needs_inheritance and inherits.lower() != "true":
+            logger.info(
+                "Study: row %r left out: it measures the inheritance alone, and this study's "
+                "student inherits nothing (MODEL.ACAMKD.INHERIT_TEACHER False).",
+                variant.name,
             )
             continue
         tokens = acam.get("MASKD.TOKENS") or ("" if node is None else node.MASKD.TOKENS)
