@@ -82,11 +82,10 @@ class AlignedFeatureLoss(nn.Module):
     """
     The frame of a method whose loss reads only the teacher feature and the aligned student:
     checks the inputs, detaches the teacher, aligns the student, computes :meth:`level_losses`
-    in float32 (also under autocast) and, if asked for, returns the maps a figure shows.
-    Subclasses set ``method_name`` and implement :meth:`level_losses`.
+    in float32 (also under autocast) and, if asked for, the maps a figure shows
+    (:meth:`level_maps`, computed before the losses). Subclasses implement
+    :meth:`level_losses`; one that has maps of its own extends :meth:`level_maps`.
     """
-
-    method_name = ""
 
     def __init__(self, teacher_channels: int, student_channels: int, align_always: bool):
         super().__init__()
@@ -110,6 +109,22 @@ class AlignedFeatureLoss(nn.Module):
         """
         raise NotImplementedError
 
+    def level_maps(self, teacher: Tensor, aligned: Tensor) -> Dict[str, Tensor]:
+        """
+        Args:
+            teacher (Tensor): (B, C, H, W) float32 (or float64), detached.
+            aligned (Tensor): (B, C, H, W) the aligned student, same dtype, detached.
+
+        Returns:
+            dict[str, Tensor]: "teacher", "student" (aligned) and "discrepancy", the
+            per-position ``sum_c (T - f_align(S))^2`` (B, H, W).
+        """
+        return {
+            "teacher": teacher,
+            "student": aligned,
+            "discrepancy": (teacher - aligned).square().sum(dim=1),
+        }
+
     def forward(
         self,
         teacher: Tensor,
@@ -122,23 +137,16 @@ class AlignedFeatureLoss(nn.Module):
             teacher (Tensor): (B, Ct, H, W), detached here.
             student (Tensor): (B, Cs, H, W) raw student feature on the teacher's grid.
             context (LevelContext): unused.
-            return_masks (bool): also return the teacher, the aligned student and the
-                per-position discrepancy ``sum_c (T - f_align(S))^2`` (B, H, W).
+            return_masks (bool): also return the maps of :meth:`level_maps`.
 
         Returns:
             LevelOutput: the method's losses and statistics.
         """
         name = type(self).__name__
         check_level_inputs(name, teacher, student, self.teacher_channels, self.student_channels)
-        teacher = teacher.detach()
         aligned = self.align(student)
         with torch.autocast(device_type=teacher.device.type, enabled=False):
-            losses, stats = self.level_losses(full_precision(teacher), full_precision(aligned))
-        maps = None
-        if return_masks:
-            maps = {
-                "teacher": teacher,
-                "student": aligned.detach(),
-                "discrepancy": (teacher - aligned.detach()).float().square().sum(dim=1),
-            }
+            t, s = full_precision(teacher.detach()), full_precision(aligned)
+            maps = self.level_maps(t, s.detach()) if return_masks else None
+            losses, stats = self.level_losses(t, s)
         return LevelOutput(losses=losses, stats=stats, masks=maps)

@@ -25,8 +25,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from ...training.frozen_weights import FrozenWeights
 from ...training.teacher_weights import TeacherWeights
 from ..teacher import build_frozen_teacher, build_teacher_cfg, teacher_weights_from_cfg
-from .common import alignment, check_level_inputs, current_storage, full_precision
-from .registry import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput, family_setting
+from .common import AlignedFeatureLoss, current_storage
+from .registry import DISTILL_METHOD_REGISTRY, family_setting
 
 __all__ = [
     "MasKD",
@@ -224,7 +224,7 @@ def masked_feature_loss(
 
 
 @DISTILL_METHOD_REGISTRY.register("MasKD")
-class MasKD(nn.Module):
+class MasKD(AlignedFeatureLoss):
     """
     MasKD's stage-2 loss on one level, ``loss_maskd``:
 
@@ -278,7 +278,6 @@ class MasKD(nn.Module):
             allow_random_tokens (bool): accept an empty ``tokens`` (random tokens; tests and
                 smoke runs only).
         """
-        super().__init__()
         if form not in _FORMS:
             raise ValueError(f"MasKD: form must be one of {_FORMS}, got {form!r}")
         if not tokens and not allow_random_tokens:
@@ -291,13 +290,12 @@ class MasKD(nn.Module):
                 f"{_TOKENS_KEY} to the model_final.pth in its OUTPUT_DIR. ({_ALLOW_KEY} accepts "
                 "random tokens, for tests and smoke runs only.)"
             )
-        self.teacher_channels = teacher_channels
-        self.student_channels = student_channels
+        # The authors' align modules: a 1x1 conv for detection, none for same-width logits.
+        super().__init__(teacher_channels, student_channels, align_always=form == "detection")
         self.loss_weight = loss_weight
         self.warmup_iters = warmup_iters
         self.form = form
         self.eps = _SEGMENTATION_EPS if form == "segmentation" else 0.0
-        self.align = alignment(student_channels, teacher_channels, always=form == "detection")
         self.tokens = ReceptiveTokens(teacher_channels, num_tokens, weight_masks)
         self.tokens.requires_grad_(False)
         self.tokens.eval()
@@ -346,38 +344,38 @@ class MasKD(nn.Module):
         """Whether the student's masks multiply the teacher's (after the warm-up)."""
         return self.warmup_iters >= 0 and int(self.num_steps) >= self.warmup_iters
 
-    def forward(
-        self,
-        teacher: Tensor,
-        student: Tensor,
-        context: Optional[LevelContext] = None,
-        return_masks: bool = False,
-    ) -> LevelOutput:
+    @torch.no_grad()
+    def token_masks(self, teacher: Tensor, aligned: Tensor) -> Tensor:
         """
         Args:
-            teacher (Tensor): (B, Ct, H, W), detached here.
-            student (Tensor): (B, Cs, H, W) raw student feature on the teacher's grid.
-            context (LevelContext): unused.
-            return_masks (bool): also return "teacher", "student" (aligned), "discrepancy"
-                (B, H, W) ``sum_c (T - f_align(S))^2`` and "tokens" (B, T, H, W), the masks
-                the loss used.
+            teacher, aligned (Tensor): (B, C, H, W).
 
         Returns:
-            LevelOutput: ``loss_maskd``; statistics ``token_mask_mean``, ``student_masks_on``
+            Tensor: (B, T, H, W) the masks the loss uses: the teacher's, times the student's
+            after the warm-up.
+        """
+        masks = self.tokens.masks(teacher)
+        if self.student_masks_on:
+            masks = masks * self.tokens.masks(aligned.detach())
+        return masks
+
+    def level_maps(self, teacher: Tensor, aligned: Tensor) -> Dict[str, Tensor]:
+        """The frame's maps and "tokens" (B, T, H, W), the masks the loss uses."""
+        maps = super().level_maps(teacher, aligned)
+        maps["tokens"] = self.token_masks(teacher, aligned)
+        return maps
+
+    def level_losses(self, teacher: Tensor, aligned: Tensor) -> Tuple[Dict[str, Tensor], Dict]:
+        """
+        Returns:
+            tuple: ``loss_maskd``; statistics ``token_mask_mean``, ``student_masks_on``
             (0 or 1) and, with the weights, ``token_weight_max`` (the mean largest ``p``).
         """
-        check_level_inputs("MasKD", teacher, student, self.teacher_channels, self.student_channels)
-        teacher = teacher.detach()
-        aligned = self.align(student)
         student_masks = self.student_masks_on
-        with torch.autocast(device_type=teacher.device.type, enabled=False):
-            t, s = full_precision(teacher), full_precision(aligned)
-            with torch.no_grad():
-                masks = self.tokens.masks(t)
-                if student_masks:
-                    masks = masks * self.tokens.masks(s.detach())
-                weights = self.tokens.mask_weights(t) if self.tokens.weight_masks else None
-            loss = masked_feature_loss(t, s, masks, weights, self.eps)
+        masks = self.token_masks(teacher, aligned)
+        with torch.no_grad():
+            weights = self.tokens.mask_weights(teacher) if self.tokens.weight_masks else None
+        loss = masked_feature_loss(teacher, aligned, masks, weights, self.eps)
         if self.training and torch.is_grad_enabled():  # not the figures' no-grad passes
             with torch.no_grad():
                 self.num_steps.add_(1)
@@ -387,15 +385,7 @@ class MasKD(nn.Module):
         }
         if weights is not None:
             stats["token_weight_max"] = weights.amax(dim=1).mean().detach()
-        maps = None
-        if return_masks:
-            maps = {
-                "teacher": teacher,
-                "student": aligned.detach(),
-                "discrepancy": (t - s.detach()).square().sum(dim=1),
-                "tokens": masks,
-            }
-        return LevelOutput(losses={"loss_maskd": self.loss_weight * loss}, stats=stats, masks=maps)
+        return {"loss_maskd": self.loss_weight * loss}, stats
 
 
 @META_ARCH_REGISTRY.register()
