@@ -207,7 +207,7 @@ def test_local_executor_trains_is_preempted_and_resumes(tmp_path: Path) -> None:
 
     logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.*"))
     assert "this job is preempted" in logs and "Requeued job" in logs, logs[-5000:]
-    assert logs.count("[acamkd.slurm] ") == 4  # environment and command, once per run
+    assert logs.count("[acamkd.training.slurm] ") == 4  # environment and command, once per run
     assert "--num-gpus 1 --num-machines 1 --machine-rank 0 --dist-url auto --resume" in logs
 
     log = (out / "log.txt").read_text()

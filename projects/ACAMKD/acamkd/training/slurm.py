@@ -156,7 +156,10 @@ class TrainingJob:
         job_env = import_submitit().JobEnvironment()
         rendezvous = rendezvous_from_job_environment(job_env, self.num_gpus, self.port)
         cmd = self.command(rendezvous)
-        print(f"[acamkd.slurm] {job_env}\n[acamkd.slurm] {' '.join(cmd)}", flush=True)
+        print(
+            f"[acamkd.training.slurm] {job_env}\n[acamkd.training.slurm] {' '.join(cmd)}",
+            flush=True,
+        )
         # On preemption submitit's SIGUSR2 handler raises (SystemExit) inside this wait: the
         # training process is killed, and the requeued job resumes from its last checkpoint.
         # detectron2's per-GPU workers go when Slurm ends the job (it kills all its processes).
