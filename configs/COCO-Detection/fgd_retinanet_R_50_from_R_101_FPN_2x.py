@@ -3,7 +3,7 @@ FGD: RetinaNet R101-FPN (model zoo, 3x) -> R50-FPN, 2x, with the authors' Retina
 
 The LazyConfig twin of fgd_retinanet_R_50_from_R_101_FPN_2x.yaml: the ACAM-KD pair's student,
 teacher, data and schedule with FGD's level modules in place of ACAM's (any registered method
-is chosen the same way, with its own keywords).
+is chosen the same way, with its own keywords) and the authors' gradient clipping.
 
     python train_net.py --num-gpus 8 \
         --config-file configs/COCO-Detection/fgd_retinanet_R_50_from_R_101_FPN_2x.py
@@ -33,3 +33,5 @@ model.acam = L(build_acam_levels)(
     lambda_=5e-6,
     box_mapping="unpadded",
 )
+# The authors' grad_clip=dict(max_norm=35): the norm of all gradients together.
+train.clip_gradients = dict(enabled=True, clip_type="full_model", clip_value=35.0, norm_type=2.0)

@@ -22,14 +22,14 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
-from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.checks import StopOnUnreadableImage, check_datasets_registered, check_num_classes
+from .clipping import add_gradient_clipping
 from .common import (
     build_checkpointer,
     build_step_trainer,
@@ -140,8 +140,9 @@ def with_gradient_clipping(
     optimizer: torch.optim.Optimizer, clip: Optional[Mapping]
 ) -> torch.optim.Optimizer:
     """
-    ``train.clip_gradients`` applied with detectron2's ``maybe_add_gradient_clipping``, so
-    that a LazyConfig run clips exactly as a YAML run with the same ``SOLVER.CLIP_GRADIENTS``.
+    ``train.clip_gradients`` applied as the YAML trainer applies ``SOLVER.CLIP_GRADIENTS``
+    (:func:`~acamkd.training.clipping.add_gradient_clipping`, "full_model" included), so that
+    a LazyConfig run clips exactly as a YAML run with the same settings.
 
     Args:
         optimizer (Optimizer): the instantiated optimizer.
@@ -159,7 +160,7 @@ def with_gradient_clipping(
             known = ", ".join(sorted(k.lower() for k in node))
             raise KeyError(f"train.clip_gradients.{key}: no such key (known: {known})")
         node[key.upper()] = value
-    return maybe_add_gradient_clipping(CfgNode({"SOLVER": {"CLIP_GRADIENTS": node}}), optimizer)
+    return add_gradient_clipping(optimizer, node, key="train.clip_gradients")
 
 
 def do_train(cfg: DictConfig, resume: bool = False) -> None:

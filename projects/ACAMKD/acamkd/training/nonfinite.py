@@ -32,8 +32,8 @@ YAML_CURES = (
 )
 LAZY_CURES = (
     "a lower learning rate (optimizer.lr), a longer warm-up (lr_multiplier.warmup_length), "
-    "gradient clipping (SOLVER.CLIP_GRADIENTS in a YAML config; detectron2's LazyConfig training "
-    "has no such key), a smaller ACAM loss weight (model.acam.loss_weight, "
+    'gradient clipping (train.clip_gradients, e.g. dict(enabled=True, clip_type="norm", '
+    "clip_value=1.0)), a smaller ACAM loss weight (model.acam.loss_weight, "
     "model.acam.diversity_weight)"
 )
 

@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.checks import StopOnUnreadableImage, check_num_classes
+from .clipping import add_gradient_clipping
 from .common import build_checkpointer, build_step_trainer, load_for_training, with_project_hooks
 from .evaluation import build_evaluator
 from .nonfinite import YAML_CURES
@@ -156,6 +157,18 @@ class DistillationTrainer(DefaultTrainer):
         # An image that cannot be read stops training with its file name (docs/TROUBLESHOOTING).
         mapper = StopOnUnreadableImage(mapper, "DATASETS.TRAIN")
         return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """
+        detectron2's optimizer, clipping as ``SOLVER.CLIP_GRADIENTS`` says, with one type more
+        than detectron2's: "full_model" (:mod:`acamkd.training.clipping`).
+        """
+        unclipped = cfg.clone()
+        unclipped.defrost()
+        unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        optimizer = super().build_optimizer(unclipped, model)
+        return add_gradient_clipping(optimizer, cfg.SOLVER.CLIP_GRADIENTS)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
