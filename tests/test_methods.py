@@ -186,6 +186,10 @@ def test_unknown_method_and_family_are_explained():
         build_distill_method(_cfg("KDX", "RetinaNet"), teacher_channels=8, student_channels=8)
     with pytest.raises(ValueError, match=r"MODEL.ACAMKD.PKD.WEIGHT is not set.*PanopticFPN"):
         build_distill_method(_cfg("PKD", "PanopticFPN"), teacher_channels=8, student_channels=8)
+    cfg = _cfg("MSE", "RetinaNet")
+    cfg.MODEL.ACAMKD.ALIGN = "sometimes"
+    with pytest.raises(ValueError, match=r"MODEL.ACAMKD.ALIGN must be one of .*'when_needed'"):
+        build_distill_method(cfg, teacher_channels=8, student_channels=8)
 
 
 class _UserL1(AlignedFeatureLoss):

@@ -1,6 +1,6 @@
 """ACAM: one level of ACAM-KD (alignment, STCA-FF, ASCM and the masked losses)."""
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from .acam_losses import (
     reverse_gradient,
 )
 from .ascm import AdaptiveSpatialChannelMasks
-from .methods.common import alignment, check_level_inputs
+from .methods.common import alignment, check_choice, check_level_inputs
 from .methods.registry import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput
 from .stca_ff import ATTENTION_IMPLS, STCAFusion
 
@@ -40,11 +40,6 @@ MASK_SOURCES = ("fused", "teacher")
 # (B, M, H, W), "channel" (B, M, C), "fused" (B, C, H, W) what ASCM read, "teacher", "student"
 # (the aligned f_align(S)) and "discrepancy" (B, H, W), the per-position sum_c D^2.
 ACAMOutput = LevelOutput
-
-
-def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"MODEL.ACAMKD.{key} must be one of {tuple(allowed)}, got {value!r}")
 
 
 @DISTILL_METHOD_REGISTRY.register("ACAMKD")
@@ -112,15 +107,15 @@ class ACAMLevel(nn.Module):
                 :data:`ATTENTION_IMPLS` ("auto", "chunked", "sdpa").
         """
         super().__init__()
-        _check_choice("QUERY_SOURCE", query_source, ("teacher", "student"))
-        _check_choice("CHANNEL_MASK_FORM", channel_mask_form, ("scalar", "per_channel"))
-        _check_choice("MASK_OBJECTIVE", mask_objective, ("descend", "ascend"))
-        _check_choice("NORMALIZER", normalizer, NORMALIZERS)
-        _check_choice("DIVERSITY_TARGETS", diversity_targets, ("both", "spatial"))
-        _check_choice("ALIGN", align, ("always", "when_needed"))
-        _check_choice("MASKS", masks, MASK_KINDS)
-        _check_choice("MASK_SOURCE", mask_source, MASK_SOURCES)
-        _check_choice("ATTENTION", attention, ATTENTION_IMPLS)
+        check_choice("QUERY_SOURCE", query_source, ("teacher", "student"))
+        check_choice("CHANNEL_MASK_FORM", channel_mask_form, ("scalar", "per_channel"))
+        check_choice("MASK_OBJECTIVE", mask_objective, ("descend", "ascend"))
+        check_choice("NORMALIZER", normalizer, NORMALIZERS)
+        check_choice("DIVERSITY_TARGETS", diversity_targets, ("both", "spatial"))
+        check_choice("ALIGN", align, ("always", "when_needed"))
+        check_choice("MASKS", masks, MASK_KINDS)
+        check_choice("MASK_SOURCE", mask_source, MASK_SOURCES)
+        check_choice("ATTENTION", attention, ATTENTION_IMPLS)
         if masks == "channel" and diversity_targets == "spatial":
             raise ValueError(
                 "MODEL.ACAMKD.DIVERSITY_TARGETS 'spatial' needs spatial masks, but MASKS is "

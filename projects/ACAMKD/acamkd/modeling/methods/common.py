@@ -1,7 +1,7 @@
 """Pieces the distillation methods share: the student's alignment, the input checks and the
 frame of a loss on the teacher feature and the aligned student."""
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from .registry import LevelContext, LevelOutput
 __all__ = [
     "AlignedFeatureLoss",
     "alignment",
+    "check_choice",
     "check_level_inputs",
     "current_storage",
     "full_precision",
@@ -35,6 +36,12 @@ def alignment(student_channels: int, teacher_channels: int, always: bool) -> nn.
     if always or student_channels != teacher_channels:
         return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
     return nn.Identity()
+
+
+def check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise a ValueError naming ``MODEL.ACAMKD.<key>`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"MODEL.ACAMKD.{key} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def check_level_inputs(

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from detectron2.config import configurable
 
-from .common import alignment, check_level_inputs
+from .common import alignment, check_choice, check_level_inputs
 from .registry import DISTILL_METHOD_REGISTRY, LevelContext, LevelOutput, family_setting
 
 __all__ = ["FGD", "BOX_MAPPINGS", "fgd_attention", "fgd_box_masks"]
@@ -210,10 +210,7 @@ class FGD(nn.Module):
             box_mapping (str): how boxes map onto the grid, one of :data:`BOX_MAPPINGS`.
         """
         super().__init__()
-        if box_mapping not in BOX_MAPPINGS:
-            raise ValueError(
-                f"MODEL.ACAMKD.FGD.BOX_MAPPING must be one of {BOX_MAPPINGS}, got {box_mapping!r}"
-            )
+        check_choice("FGD.BOX_MAPPING", box_mapping, BOX_MAPPINGS)
         if temp <= 0:
             raise ValueError(f"MODEL.ACAMKD.FGD.TEMP must be positive, got {temp}")
         self.teacher_channels = teacher_channels

@@ -5,7 +5,7 @@ from typing import Dict
 from detectron2.config import configurable
 
 from ..acam_losses import feature_mse_loss
-from .common import AlignedFeatureLoss
+from .common import AlignedFeatureLoss, check_choice
 from .registry import DISTILL_METHOD_REGISTRY
 
 __all__ = ["FeatureMSE"]
@@ -34,8 +34,7 @@ class FeatureMSE(AlignedFeatureLoss):
             loss_weight (float): w.
             align (str): f_align is a 1x1 conv "always" or only "when_needed".
         """
-        if align not in ("always", "when_needed"):
-            raise ValueError(f"MODEL.ACAMKD.ALIGN must be 'always' or 'when_needed', got {align!r}")
+        check_choice("ALIGN", align, ("always", "when_needed"))
         super().__init__(teacher_channels, student_channels, align_always=align == "always")
         self.loss_weight = loss_weight
 
