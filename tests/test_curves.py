@@ -64,3 +64,47 @@ def test_plot_curves_draws_each_label_and_returns_what_it_drew(tmp_path):
         drawn["two seeds"]["mean"], [(5 + 10 / 3) / 2, (10 / 3 + 2.5) / 2, 2.25]
     )
     np.testing.assert_allclose(drawn["two seeds"]["max"], [5.0, 10 / 3, 2.5])
+
+
+def test_gain_over_the_last_fifth_of_a_schedule():
+    from acamkd.experiments.curves import gain_over_last
+
+    iterations, ap = [250, 500, 750, 1000, 1250, 1500, 1750, 2000], [
+        5,
+        9,
+        12,
+        14,
+        15,
+        15.6,
+        15.8,
+        16,
+    ]
+    assert gain_over_last(iterations, ap) == (16 - 15.6, 1500)  # 80% of 2000 is 1600
+    assert gain_over_last(iterations, ap, fraction=0.5) == (16 - 14, 1000)
+    with pytest.raises(ValueError, match="TEST.EVAL_PERIOD"):
+        gain_over_last([2000], [16.0])
+
+
+def test_plot_curves_tool_says_which_runs_plateaued(tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_models import REPO
+
+    its = [500, 1000, 1500, 2000]
+    flat = _run(
+        tmp_path, "flat", [{"iteration": k, "bbox/AP": a} for k, a in zip(its, [8, 12, 15.8, 16])]
+    )
+    rising = _run(
+        tmp_path, "rising", [{"iteration": k, "bbox/AP": a} for k, a in zip(its, [4, 8, 12, 16])]
+    )
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools/plot_curves.py"), "--key", "bbox/AP"]
+        + ["--run", f"flat={flat}", "--run", f"rising={rising}", "--plateau", "0.5"]
+        + ["--output", str(tmp_path / "ap.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "gain since iteration 1500: +0.20 (plateaued" in out
+    assert "gain since iteration 1500: +4.00 (still learning" in out

@@ -12,7 +12,7 @@ import glob
 import json
 from collections import defaultdict
 
-from acamkd.experiments.curves import plot_curves
+from acamkd.experiments.curves import gain_over_last, plot_curves
 
 
 def main() -> None:
@@ -29,6 +29,14 @@ def main() -> None:
     parser.add_argument("--title", default="")
     parser.add_argument("--log-y", action="store_true", help="logarithmic y axis")
     parser.add_argument("--json", default="", help="also write the drawn values here")
+    parser.add_argument(
+        "--plateau",
+        type=float,
+        default=None,
+        metavar="GAIN",
+        help="also say per label whether the mean gains less than GAIN over the last 20%% of "
+        "its iterations (e.g. 0.5 with --key bbox/AP)",
+    )
     args = parser.parse_args()
 
     runs = defaultdict(list)
@@ -45,6 +53,12 @@ def main() -> None:
             f"{label}: {args.key} {curve['mean'][0]:.3f} -> {curve['mean'][-1]:.3f} "
             f"(iterations {first}-{last}, {len(runs[label])} runs)"
         )
+        if args.plateau is not None:
+            gain, since = gain_over_last(curve["iteration"], curve["mean"])
+            verdict = "plateaued" if gain < args.plateau else "still learning"
+            print(
+                f"  gain since iteration {since}: {gain:+.2f} ({verdict}, threshold {args.plateau})"
+            )
     print(f"wrote {args.output}")
     if args.json:
         with open(args.json, "w") as f:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .stages import read_metrics
 
-__all__ = ["read_metric", "mean_curve", "plot_curves"]
+__all__ = ["read_metric", "mean_curve", "gain_over_last", "plot_curves"]
 
 
 def read_metric(run_dir: str, key: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -60,6 +60,33 @@ def mean_curve(
         raise ValueError("the runs share no logged iteration")
     stacked = np.stack([np.interp(common, it, v) for it, v in curves])
     return np.array(common), stacked.mean(0), stacked.min(0), stacked.max(0)
+
+
+def gain_over_last(iterations: Sequence[int], values: Sequence[float], fraction: float = 0.2):
+    """
+    How much a curve still gains over the last ``fraction`` of its iterations: the last value
+    minus the value logged at the latest iteration at or before ``(1 - fraction)`` of the last
+    one (for an evaluation curve, e.g. "bbox/AP": has the run plateaued?).
+
+    Args:
+        iterations (sequence[int]): (K,) increasing.
+        values (sequence[float]): (K,).
+        fraction (float): the end of the schedule to look at, in (0, 1).
+
+    Returns:
+        tuple[float, int]: the gain, and the iteration it is measured from.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    cut = (1 - fraction) * iterations[-1]
+    before = [i for i, it in enumerate(iterations) if it <= cut]
+    if not before:
+        raise ValueError(
+            f"no value logged at or before iteration {cut:g} ({1 - fraction:.0%} of "
+            f"{iterations[-1]}): evaluate more often (TEST.EVAL_PERIOD)"
+        )
+    start = before[-1]
+    return float(values[-1] - values[start]), int(iterations[start])
 
 
 def plot_curves(
