@@ -243,7 +243,7 @@ def pretrain_backbone(
                 "pretrain iter %d/%d loss %.3f lr %.4f eta %ds",
                 done,
                 max_iter,
-                float(loss),
+                float(loss.detach()),
                 scheduler.get_last_lr()[0],
                 int(rate * (max_iter - done)),
             )
