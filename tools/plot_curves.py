@@ -51,7 +51,7 @@ def main() -> None:
         first, last = curve["iteration"][0], curve["iteration"][-1]
         print(
             f"{label}: {args.key} {curve['mean'][0]:.3f} -> {curve['mean'][-1]:.3f} "
-            f"(iterations {first}-{last}, {len(runs[label])} runs)"
+            f"(iterations {first}-{last}, {len(runs[label])} run{'s' * (len(runs[label]) != 1)})"
         )
         if args.plateau is not None:
             gain, since = gain_over_last(curve["iteration"], curve["mean"])
