@@ -5,31 +5,21 @@ together, clipped to ``CLIP_VALUE`` (``NORM_TYPE``), as mmcv's ``grad_clip=dict(
 of the FGD, MGD and MasKD authors' configs and detectron2's DETR-style projects do.
 """
 
-import itertools
+from functools import partial
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from detectron2.config import CfgNode
-from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.solver.build import (
+    _generate_optimizer_class_with_gradient_clipping,
+    maybe_add_gradient_clipping,
+)
 
 __all__ = ["CLIP_TYPES", "add_gradient_clipping"]
 
 CLIP_TYPES = ("value", "norm", "full_model")
-
-
-def _clip_whole_model(optimizer_type: type, max_norm: float, norm_type: float) -> type:
-    """A subclass of ``optimizer_type`` whose ``step`` first clips the norm of all gradients."""
-
-    def step(self, closure=None):
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-        return optimizer_type.step(self, closure)
-
-    return type(
-        optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,), {"step": step}
-    )
 
 
 def add_gradient_clipping(
@@ -56,8 +46,14 @@ def add_gradient_clipping(
             "all gradients together (the FGD/MGD/MasKD authors' max_norm 35)."
         )
     if clip["CLIP_TYPE"] == "full_model":
-        optimizer.__class__ = _clip_whole_model(
-            type(optimizer), float(clip["CLIP_VALUE"]), float(clip["NORM_TYPE"])
+        # detectron2's own optimizer subclass, with its global clipper (meant for DETR).
+        clip_all = partial(
+            nn.utils.clip_grad_norm_,
+            max_norm=float(clip["CLIP_VALUE"]),
+            norm_type=float(clip["NORM_TYPE"]),
+        )
+        optimizer.__class__ = _generate_optimizer_class_with_gradient_clipping(
+            type(optimizer), global_clipper=clip_all
         )
         return optimizer
     return maybe_add_gradient_clipping(
