@@ -20,7 +20,7 @@ from acamkd.modeling.acam_losses import (
     pairwise_dice,
     reverse_gradient,
 )
-from acamkd.modeling.ascm import AdaptiveSpatialChannelMasks
+from acamkd.modeling.ascm import AdaptiveSpatialChannelMasks, sigmoid_with_budget
 from acamkd.modeling.stca_ff import STCAFusion
 
 LOSS_KEYS = {"loss_acam_channel", "loss_acam_spatial", "loss_acam_diversity"}
@@ -491,3 +491,90 @@ def test_same_seed_same_outputs():
     for key in out_a.masks:
         assert torch.equal(out_a.masks[key], out_b.masks[key])
     assert torch.equal(grad_a, grad_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's "budget" reading (MASK_BUDGET)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [0.05, 0.25, 0.8])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_budget_masks_average_the_budget_and_keep_the_order(budget, scale):
+    torch.manual_seed(0)
+    logits = scale * torch.randn(3, 4, 50)
+    masks = sigmoid_with_budget(logits, budget)
+    torch.testing.assert_close(masks.mean(dim=-1), torch.full((3, 4), budget), atol=1e-4, rtol=0)
+    assert masks.min() >= 0 and masks.max() <= 1
+    # A shift per row: in the logits' order the masks never fall (saturated values tie).
+    in_order = masks.gather(-1, logits.argsort(dim=-1))
+    assert (in_order.diff(dim=-1) >= 0).all()
+
+
+def test_budget_gradient_moves_mass_and_keeps_the_mean():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 40, requires_grad=True)
+    sigmoid_with_budget(logits, 0.3).sum().backward()
+    # The sum of a mask is fixed by the budget, so its gradient is zero ...
+    torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=1e-5, rtol=0)
+    # ... while a weighted sum has a gradient that sums to zero per mask: mass moves.
+    logits.grad = None
+    weights = torch.rand(40)
+    (sigmoid_with_budget(logits, 0.3) * weights).sum().backward()
+    assert logits.grad.abs().max() > 1e-3
+    torch.testing.assert_close(logits.grad.sum(dim=-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+
+
+def test_budget_masks_that_climb_a_weighted_sum_cover_the_largest_weights():
+    """The toy of docs/METHOD.md ("Known risk"), ascended under a budget: no vanishing, no
+    saturation, and the budget ends on the largest discrepancies."""
+    torch.manual_seed(2)
+    discrepancy = torch.rand(100)
+    logits = (0.01 * torch.randn(100)).requires_grad_(True)
+    optimizer = torch.optim.SGD([logits], lr=50.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        masks = sigmoid_with_budget(logits, 0.2)
+        (-(masks.square() * discrepancy).sum() / masks.sum()).backward()
+        optimizer.step()
+    masks = sigmoid_with_budget(logits.detach(), 0.2)
+    assert abs(masks.mean().item() - 0.2) < 1e-4
+    top, bottom = discrepancy.argsort()[-10:], discrepancy.argsort()[:10]
+    assert masks[top].mean() > 0.9 and masks[bottom].mean() < 0.1
+    assert torch.corrcoef(torch.stack([masks, discrepancy]))[0, 1] > 0.6
+
+
+@pytest.mark.parametrize("masks_kind", ["spatial_channel", "channel"])
+def test_level_with_budget_holds_every_mask_at_the_budget(masks_kind):
+    cfg = _cfg()
+    cfg.MODEL.ACAMKD.MASK_BUDGET = 0.25
+    cfg.MODEL.ACAMKD.MASK_OBJECTIVE = "ascend"
+    cfg.MODEL.ACAMKD.MASKS = masks_kind
+    torch.manual_seed(3)
+    level = ACAMLevel(cfg, teacher_channels=8, student_channels=6)
+    teacher, student = _inputs(2, 8, 6, 5, 4)
+    student.requires_grad_(True)
+    out = level(teacher, student, return_masks=True)
+    _total(out).backward()
+    torch.testing.assert_close(out.masks["channel"].mean(dim=-1), torch.full((2, 6), 0.25))
+    assert out.stats["channel_mask_mean"] == pytest.approx(0.25, abs=1e-4)
+    if masks_kind == "spatial_channel":
+        spatial = out.masks["spatial"].flatten(2).mean(dim=-1)
+        torch.testing.assert_close(spatial, torch.full((2, 6), 0.25))
+    assert level.ascm.channel_units.grad is not None and student.grad is not None
+
+
+def test_budget_zero_is_the_sigmoid():
+    torch.manual_seed(4)
+    paper = AdaptiveSpatialChannelMasks(8, num_masks=3)
+    off = AdaptiveSpatialChannelMasks(8, num_masks=3, budget=0.0)
+    off.load_state_dict(paper.state_dict())
+    fused = torch.randn(2, 8, 5, 4)
+    for a, b in zip(paper(fused), off(fused)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("budget", [-0.1, 1.0, 1.5])
+def test_bad_budget_raises_naming_the_key(budget):
+    cfg = _cfg()
+    cfg.MODEL.ACAMKD.MASK_BUDGET = budget
+    with pytest.raises(ValueError, match="MODEL.ACAMKD.MASK_BUDGET"):
+        ACAMLevel(cfg, teacher_channels=8, student_channels=8)

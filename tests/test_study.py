@@ -330,6 +330,18 @@ def test_methods_set_keys_each_method_by_its_own_settings():
     assert len({make_stage(spec, v, 0).name for v in rows.values()}) == len(rows)
 
 
+def test_budget_set_adds_only_the_budget_switches_to_the_default_reading():
+    rows = {v.name: v for v in VARIANT_SETS["budget"]}
+    assert list(rows) == ["baseline", "mse", "acamkd", "acamkd_budget"]
+    budget = make_stage(_spec(), rows["acamkd_budget"], 0)
+    assert budget.opts[budget.opts.index("MODEL.ACAMKD.MASK_BUDGET") + 1] == "0.25"
+    assert budget.opts[budget.opts.index("MODEL.ACAMKD.MASK_OBJECTIVE") + 1] == "ascend"
+    # The other rows are the methods study's own runs, reused where both studies share a folder.
+    methods = {v.name: v for v in VARIANT_SETS["methods"]}
+    for name in ("baseline", "mse", "acamkd"):
+        assert make_stage(_spec(), rows[name], 0).name == make_stage(_spec(), methods[name], 0).name
+
+
 def test_methods_study_leaves_fgd_out_of_segmentation_and_needs_maskd_tokens():
     from acamkd.experiments.study import applicable_variants
 

@@ -185,6 +185,12 @@ def add_acamkd_config(cfg: CN) -> None:
     # masks near 0.5 (at the start) sum_sq's losses are twice sum's: the same LOSS_WEIGHT
     # weighs twice as much (unclipped, halve it when moving a config tuned under sum).
     _C.MODEL.ACAMKD.NORMALIZER = "sum_sq"
+    # This project's own reading, not the paper's: 0 keeps the paper's sigmoid masks; a value
+    # in (0, 1) shifts each mask, per image, so that it averages this much over what it covers
+    # (positions or channels). The masks can then neither vanish nor cover everything; with
+    # MASK_OBJECTIVE ascend they spend that budget where the student lags most.
+    # See docs/METHOD.md, "A reading of this project's own".
+    _C.MODEL.ACAMKD.MASK_BUDGET = 0.0
     # Masks the Dice diversity loss acts on: "both" (spatial and channel) or "spatial".
     _C.MODEL.ACAMKD.DIVERSITY_TARGETS = "both"
     # Student alignment f_align (1x1 conv, student -> teacher channels): "always" (default) or

@@ -68,6 +68,7 @@ class ACAMLevel(nn.Module):
         detach_student_in_masks: bool = False,
         mask_objective: str = "descend",
         normalizer: str = "sum_sq",
+        mask_budget: float = 0.0,
         diversity_targets: str = "both",
         align: str = "always",
         loss_weight: float = 1.0,
@@ -93,6 +94,8 @@ class ACAMLevel(nn.Module):
                 "ascend" (gradient reversal on the masks in those losses; Dice is still
                 minimised).
             normalizer (str): masked-loss normaliser, "sum" or "sum_sq" of the mask.
+            mask_budget (float): 0 (the paper's sigmoid masks) or, in (0, 1), the mean every
+                mask is held at (this project's "budget" reading, docs/METHOD.md).
             diversity_targets (str): "both": L_div is the sum of the mean pairwise Dice of the
                 spatial masks and that of the channel masks; "spatial": the spatial term only.
             align (str): f_align is a 1x1 conv "always", or only "when_needed" (identity when
@@ -121,6 +124,11 @@ class ACAMLevel(nn.Module):
                 "MODEL.ACAMKD.DIVERSITY_TARGETS 'spatial' needs spatial masks, but MASKS is "
                 "'channel': set DIVERSITY_TARGETS 'both' (the Dice loss then acts on the channel "
                 "masks) or MASKS 'spatial_channel'."
+            )
+        if not 0 <= mask_budget < 1:
+            raise ValueError(
+                f"MODEL.ACAMKD.MASK_BUDGET must be 0 (off) or in (0, 1), the mean each mask is "
+                f"held at, got {mask_budget}"
             )
         if num_masks < 1:
             raise ValueError(f"MODEL.ACAMKD.NUM_MASKS must be >= 1, got {num_masks}")
@@ -164,6 +172,7 @@ class ACAMLevel(nn.Module):
                 init_std=mask_init_std,
                 spatial=masks in ("spatial_channel", "spatial"),
                 channel=masks in ("spatial_channel", "channel"),
+                budget=mask_budget,
             )
 
     @classmethod
@@ -179,6 +188,7 @@ class ACAMLevel(nn.Module):
             "detach_student_in_masks": acam.DETACH_STUDENT_IN_MASKS,
             "mask_objective": acam.MASK_OBJECTIVE,
             "normalizer": acam.NORMALIZER,
+            "mask_budget": acam.MASK_BUDGET,
             "diversity_targets": acam.DIVERSITY_TARGETS,
             "align": acam.ALIGN,
             "loss_weight": acam.LOSS_WEIGHT,
