@@ -96,6 +96,11 @@ _NO_MASK = Variant("no_mask", {"MASKS": "none"})
 # ACAM-KD's rows in the methods study, stated in full (the defaults of the day may change).
 _ACAMKD_DEFAULT = {"METHOD": "ACAMKD", "MASKS": "spatial_channel", "MASK_SOURCE": "fused"}
 _ACAMKD_DEFAULT.update({"MASK_OBJECTIVE": "descend", "NORMALIZER": "sum_sq"})
+_MSE = Variant("mse", {"METHOD": "MSE"})
+_ACAMKD = Variant("acamkd", _ACAMKD_DEFAULT)
+_ACAMKD_TEACHER_ADAPTIVE = Variant(
+    "acamkd_teacher_adaptive", {**_ACAMKD_DEFAULT, "MASK_SOURCE": "teacher"}
+)
 VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
     # The paper's ablation rows (RetinaNet R101 -> R50 COCO in the paper), each on top of the
     # study's common settings (e.g. the objective chosen by the "objective" study).
@@ -127,14 +132,14 @@ VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
     # method that reads boxes (FGD) are left out of a segmentation study.
     "methods": (
         _BASELINE,
-        Variant("mse", {"METHOD": "MSE"}),
+        _MSE,
         Variant("fgd", {"METHOD": "FGD"}),
         Variant("mgd", {"METHOD": "MGD"}),
         Variant("cwd", {"METHOD": "CWD"}),
         Variant("pkd", {"METHOD": "PKD"}),
         Variant("maskd", {"METHOD": "MasKD"}),
-        Variant("acamkd", _ACAMKD_DEFAULT),
-        Variant("acamkd_teacher_adaptive", {**_ACAMKD_DEFAULT, "MASK_SOURCE": "teacher"}),
+        _ACAMKD,
+        _ACAMKD_TEACHER_ADAPTIVE,
     ),
     # The paper's regime (docs/REGIME.md): on a pair whose student inherits the teacher's FPN
     # and head, the inheritance alone (a distiller whose loss weighs 0) beside no KD, MSE, the
@@ -142,17 +147,17 @@ VARIANT_SETS: Dict[str, Tuple[Variant, ...]] = {
     "regime": (
         _BASELINE,
         Variant("inherit_only", {"METHOD": "MSE", "LOSS_WEIGHT": "0.0"}, needs_inheritance=True),
-        Variant("mse", {"METHOD": "MSE"}),
+        _MSE,
         Variant("cwd", {"METHOD": "CWD"}),
-        Variant("acamkd", _ACAMKD_DEFAULT),
-        Variant("acamkd_teacher_adaptive", {**_ACAMKD_DEFAULT, "MASK_SOURCE": "teacher"}),
+        _ACAMKD,
+        _ACAMKD_TEACHER_ADAPTIVE,
     ),
     # This project's own reading (docs/METHOD.md, "masks on a budget") beside the default
     # reading and the plain MSE it has to beat; not one of the paper's rows.
     "budget": (
         _BASELINE,
-        Variant("mse", {"METHOD": "MSE"}),
-        Variant("acamkd", _ACAMKD_DEFAULT),
+        _MSE,
+        _ACAMKD,
         Variant(
             "acamkd_budget",
             {**_ACAMKD_DEFAULT, "MASK_OBJECTIVE": "ascend", "MASK_BUDGET": "0.25"},

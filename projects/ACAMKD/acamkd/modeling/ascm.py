@@ -1,5 +1,6 @@
 """ASCM: adaptive spatial-channel masks from the fused feature (docs/METHOD.md, "ASCM")."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -28,7 +29,7 @@ def sigmoid_with_budget(logits: Tensor, budget: float) -> Tensor:
     Returns:
         Tensor: (..., K) masks in (0, 1) whose rows average ``budget``.
     """
-    target = torch.logit(torch.tensor(budget, dtype=logits.dtype, device=logits.device))
+    target = math.log(budget / (1 - budget))  # sigmoid(target) = budget
     with torch.no_grad():
         # mean sigmoid(z - tau) falls as tau grows; at these ends it is >= and <= budget.
         low = logits.amin(dim=-1, keepdim=True) - target
