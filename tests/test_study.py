@@ -303,7 +303,7 @@ def test_table_only_trains_nothing_and_tables_the_finished_runs(tmp_path, monkey
     assert len(trained) == 2 and study["trained_now"] == 0
     assert [r["variant"] for r in study["variants"]] == ["baseline"]
     table = open(os.path.join(out, "study.md")).read()
-    assert "| baseline | 2 | 10.00 ± 0.00 |" in table and "sum_sq" not in table
+    assert "| baseline | 2 | 10.00 ± 0.00 | s0 10.00, s1 10.00 |" in table and "sum_sq" not in table
 
 
 def test_methods_set_keys_each_method_by_its_own_settings():

@@ -576,6 +576,7 @@ def format_study_markdown(rows: Sequence[Dict], task: str, teacher_row: Optional
         "variant",
         "seeds",
         f"{metric} (mean ± std)",
+        "per seed",
         "Δ baseline",
         "gap closed",
         "train s/iter",
@@ -596,6 +597,7 @@ def format_study_markdown(rows: Sequence[Dict], task: str, teacher_row: Optional
             r["variant"],
             str(len(r["values"])),  # a study stopped early may have fewer seeds in some rows
             f"{_c(r['mean'], '.2f')} ± {_c(r['std'], '.2f')}",
+            ", ".join(f"s{s} {_c(v, '.2f')}" for s, v in zip(r["seeds"], r["values"])),
             _c(r["delta"], "+.2f"),
             _c(r["gap_closed"], ".0%"),
             _c(r["train_s_per_iter"], ".3f"),
