@@ -34,6 +34,7 @@ from acamkd.data import (
     register_all_streets,
     register_coco_datasets,
     streets_dataset_names,
+    streets_dir,
 )
 from acamkd.data.street_scene import render_street_scene
 
@@ -219,6 +220,30 @@ def test_second_run_is_a_no_op_and_new_parameters_regenerate(tmp_path, log_recor
     os.remove(os.path.join(directory, "coco/val/synthville_000000_000001.png"))
     generate_streets(root, **dict(params, num_train=2))
     assert os.path.exists(os.path.join(directory, "coco/val/synthville_000000_000001.png"))
+
+
+def test_generators_of_one_set_take_turns(tmp_path, log_records):
+    """A second generator of the same folder waits for the first instead of deleting its files
+    mid-write (two pretraining runs started side by side), then finds the set complete."""
+    import threading
+
+    import portalocker
+
+    root = str(tmp_path)
+    params = dict(num_train=2, num_val=1, width=64, height=32, progress=False)
+    directory = streets_dir(root)
+    os.makedirs(directory)
+    messages = log_records("acamkd.data.synthetic_streets")
+    with portalocker.Lock(os.path.join(directory, ".generating.lock"), flags=portalocker.LOCK_EX):
+        waiting = threading.Thread(target=generate_streets, args=(root,), kwargs=params)
+        waiting.start()
+        waiting.join(timeout=2.0)  # three 64x32 images take far less when nothing holds it
+        assert waiting.is_alive() and not os.path.exists(os.path.join(directory, "manifest.json"))
+        assert any("waiting for it" in m for m in messages)
+    waiting.join(timeout=60.0)
+    assert not waiting.is_alive()
+    assert generate_streets(root, **params) == directory
+    assert any("up to date" in m for m in messages)
 
 
 def test_detectron2_loaders_read_the_registered_splits(streets, unique_names):

@@ -31,6 +31,8 @@ import numpy as np
 from cityscapesscripts.helpers.labels import name2label
 from tqdm import tqdm
 
+import portalocker
+
 from .street_scene import StreetScene, render_street_scene
 from .streets_meta import (  # re-exported: the generator's callers find them here too
     STREETS_CITIES,
@@ -59,6 +61,7 @@ logger = logging.getLogger(__name__)
 # Bump whenever the pictures or the files change, so that old data are regenerated.
 GENERATOR_VERSION = 1
 _MANIFEST = "manifest.json"
+_LOCK = ".generating.lock"
 _THING_NAMES = {name2label[name].id: name for name in STREETS_THING_CLASSES}
 
 
@@ -185,7 +188,8 @@ def generate_streets(
     Does nothing (and logs so) when ``<root>/acamkd_streets/manifest.json`` records the same
     parameters and generator version and every file it lists is there with its size. Otherwise
     the folders ``coco/`` and ``cityscapes/`` inside ``<root>/acamkd_streets/`` are deleted
-    and written anew; nothing else under ``root`` is touched.
+    and written anew; nothing else under ``root`` is touched. Processes generating into one
+    folder at once take turns (a lock file in it), so the later ones find the set done.
 
     Args:
         root (str or None): datasets root; None means ``$DETECTRON2_DATASETS`` or ``datasets``.
@@ -218,6 +222,27 @@ def generate_streets(
         "num_val": counts["val"],
     }
     directory = streets_dir(root)
+    os.makedirs(directory, exist_ok=True)
+    # Processes asking for one set at once (two pretraining runs started side by side) take
+    # turns: the one that waited finds the set complete instead of deleting it mid-write.
+    lock = portalocker.Lock(os.path.join(directory, _LOCK), fail_when_locked=True)
+    try:
+        lock.acquire()
+    except portalocker.AlreadyLocked:
+        logger.info("Another process is generating %s; waiting for it ...", directory)
+        lock = portalocker.Lock(os.path.join(directory, _LOCK), flags=portalocker.LOCK_EX)
+        lock.acquire()
+    try:
+        return _generate_locked(directory, params, counts, force, progress)
+    finally:
+        lock.release()
+
+
+def _generate_locked(
+    directory: str, params: Dict, counts: Dict[str, int], force: bool, progress: bool
+) -> str:
+    """The body of :func:`generate_streets`, run while holding the set's lock."""
+    width, height = params["width"], params["height"]
     manifest = _read_manifest(directory)
     if (
         not force
