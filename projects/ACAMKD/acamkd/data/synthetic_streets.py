@@ -28,10 +28,9 @@ from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
+import portalocker
 from cityscapesscripts.helpers.labels import name2label
 from tqdm import tqdm
-
-import portalocker
 
 from .street_scene import StreetScene, render_street_scene
 from .streets_meta import (  # re-exported: the generator's callers find them here too
