@@ -251,6 +251,44 @@ def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monke
     assert [r["values"] for r in study["variants"]] == [[10.0, 11.0], [10.0, 11.0]]
 
 
+def test_jobs_train_runs_side_by_side_with_their_threads_and_tables_them(tmp_path, monkeypatch):
+    import acamkd.experiments.stages as stages
+
+    out = str(tmp_path / "study")
+    started, tables = [], []
+
+    class FakeProcess:  # what train_net.py leaves behind, at once
+        def __init__(self, cmd, cwd, env, stdout, stderr):
+            run_dir = cmd[cmd.index("OUTPUT_DIR") + 1]
+            seed = int(cmd[cmd.index("SEED") + 1])
+            started.append((os.path.basename(run_dir), env["OMP_NUM_THREADS"]))
+            if os.path.exists(os.path.join(out, "study.json")):
+                with open(os.path.join(out, "study.json")) as f:
+                    tables.append(len(json.load(f)["runs"]))
+            torch.save({"model": {}, "iteration": 3}, os.path.join(run_dir, "model_final.pth"))
+            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+                f.write(json.dumps({"iteration": 3, "bbox/AP": 10.0 + seed}) + "\n")
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(stages.subprocess, "Popen", FakeProcess)
+    variants = [VARIANT_SETS["objective"][0], Variant("sum_sq", {"NORMALIZER": "sum_sq"})]
+    spec = _spec(variants=variants, seeds=[0, 1, 2])
+    teacher_row = {"metrics": {"AP": 50.0}}
+    study = run_study(spec, out, teacher_row=teacher_row, jobs=2, threads=3)
+    assert len(started) == 6 and {threads for _, threads in started} == {"3"}
+    assert len({name for name, _ in started}) == 6
+    # Two at a time: the first pair starts before any table exists, each later pair finds the
+    # table of every run finished before it.
+    assert tables == [2, 2, 4, 4]
+    assert [r["values"] for r in study["variants"]] == [[10.0, 11.0, 12.0]] * 2
+    again = run_study(spec, out, teacher_row=teacher_row, jobs=2, threads=3)
+    assert again["trained_now"] == 0 and len(started) == 6
+    with pytest.raises(ValueError, match="jobs"):
+        run_study(spec, out, teacher_row=teacher_row, jobs=0)
+
+
 def test_a_run_keeps_its_key_when_a_default_changes(monkeypatch):
     import acamkd.experiments.study as study
 

@@ -7,7 +7,8 @@ Trains every (variant, seed) with train_net.py, evaluates each with the dataset'
 writes study.md, study.json and study.png (mean ± std over seeds per variant, difference to the
 baseline, fraction of the teacher-baseline gap closed, train s/iter, final mask statistics).
 Rerunning skips finished runs and resumes an interrupted one; runs shared with another study
-in the same --output-dir (same config, settings and seed) are reused.
+in the same --output-dir (same config, settings and seed) are reused. --jobs 2 --threads 1
+trains two runs at once (a two-core CPU), each logging to its own <run>/console.log.
 
 Examples (the embedded benchmark; its teacher first: `python train_net.py --config-file
 configs/Streets-Detection/retinanet_R_18_FPN_wide_streets.yaml
@@ -84,6 +85,19 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each with its console output in <run>/console.log "
+        "(e.g. 2 on a two-core CPU, with --threads 1)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of each run with --jobs > 1 (default: the cores shared among the jobs)",
+    )
+    parser.add_argument(
         "--table-only",
         action="store_true",
         help="train nothing: tabulate the runs finished so far (e.g. while others still train)",
@@ -144,7 +158,17 @@ def main() -> None:
         baseline_config=args.baseline_config,
         num_gpus=args.num_gpus,
     )
-    study = run_study(spec, args.output_dir, train=not args.table_only)
+    if args.jobs < 1 or args.threads < 0:
+        raise SystemExit(
+            f"--jobs must be at least 1 and --threads at least 0, got {args.jobs}, {args.threads}."
+        )
+    study = run_study(
+        spec,
+        args.output_dir,
+        train=not args.table_only,
+        jobs=args.jobs,
+        threads=args.threads or None,
+    )
     print(open(os.path.join(args.output_dir, "study.md")).read())
     return study
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..config import REPO_ROOT
 from ..training.checkpoint_files import is_readable_checkpoint
@@ -196,12 +196,14 @@ def run_side_by_side(
     jobs: int,
     threads: int,
     poll_seconds: float = 60.0,
+    on_finish: Optional[Callable[[Stage, float], None]] = None,
 ) -> Dict[str, float]:
     """
     Train ``stages``, up to ``jobs`` at a time (in order, the next one starting when one
     ends), each in its own process with ``threads`` CPU threads and its console output in
     ``<stage>/console.log``; every ``poll_seconds`` one progress line per running stage
-    (iteration, ETA, from its ``metrics.json``).
+    (iteration, ETA, from its ``metrics.json``). ``on_finish(stage, seconds)`` is called as
+    each stage ends without error.
 
     Returns:
         dict[str, float]: wall seconds per stage trained here, from its start to its end
@@ -241,6 +243,8 @@ def run_side_by_side(
                     failed.append(f"{name} (exit {code}, see {log_path})")
                 else:
                     logger.info("[%s] finished in %.0f s", name, seconds[name])
+                    if on_finish is not None:
+                        on_finish(stage, seconds[name])
     except BaseException:  # e.g. Ctrl-C: stop the runs too; each resumes from its checkpoint
         for _, proc, _, _ in running.values():
             proc.terminate()

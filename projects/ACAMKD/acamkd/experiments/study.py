@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..training.mask_collapse import is_collapsed, read_final_statistics
 from .compare import json_safe
-from .stages import REPO_ROOT, Stage, final_metrics, read_metrics
+from .stages import REPO_ROOT, Stage, final_metrics, read_metrics, run_side_by_side
 
 __all__ = [
     "Variant",
@@ -397,7 +397,12 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def run_study(
-    spec: StudySpec, output_dir: str, teacher_row: Optional[Dict] = None, train: bool = True
+    spec: StudySpec,
+    output_dir: str,
+    teacher_row: Optional[Dict] = None,
+    train: bool = True,
+    jobs: int = 1,
+    threads: Optional[int] = None,
 ) -> Dict:
     """
     Train and evaluate every (variant, seed) not already finished, then write
@@ -408,48 +413,66 @@ def run_study(
             gap column; None evaluates ``spec.teacher_config`` with ``spec.teacher_weights``
             (no teacher row when there are no teacher weights: a baselines-only study).
         train (bool): False trains nothing and tabulates the runs finished so far.
+        jobs (int): runs trained at once, each in its own process with its console output in
+            ``<run>/console.log`` (1: one after the other, output on this console).
+        threads (int or None): CPU threads of each of the ``jobs`` runs; None shares this
+            machine's cores among them.
 
     Returns:
         dict: what ``study.json`` holds: "variants" (the summary rows), "runs", "teacher" and
         "seeds"; and "trained_now", the number of runs this call trained or resumed.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     os.makedirs(output_dir, exist_ok=True)
     variants = applicable_variants(spec)
     # Seed-major: a study stopped early has every variant at the same number of seeds.
-    jobs = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in variants]
-    unfinished = [job for job in jobs if not job[2].is_finished(output_dir)]
+    planned = [(v, s, make_stage(spec, v, s)) for s in spec.seeds for v in variants]
+    unfinished = [job for job in planned if not job[2].is_finished(output_dir)]
     todo = unfinished if train else []
-    finished = {stage.name for _, _, stage in jobs} - {stage.name for _, _, stage in unfinished}
+    finished = {stage.name for _, _, stage in planned} - {stage.name for _, _, stage in unfinished}
     logger.info(
         "Study: %d variants x %d seeds = %d runs, %d already finished.",
         len(variants),
         len(spec.seeds),
-        len(jobs),
-        len(jobs) - len(unfinished),
+        len(planned),
+        len(planned) - len(unfinished),
     )
     if teacher_row is None and spec.teacher_weights:
         teacher_row = _evaluate_teacher(spec, output_dir)
+    by_name = {stage.name: (variant, seed) for variant, seed, stage in todo}
     durations: List[float] = []
-    for k, (variant, seed, stage) in enumerate(todo):
-        start = time.perf_counter()
-        stage.run(output_dir)
-        durations.append(time.perf_counter() - start)
+
+    def record(stage: Stage, seconds: float) -> None:
+        """Log the finished run and the ETA; rewrite the table, in case the study stops."""
+        durations.append(seconds)
         finished.add(stage.name)
-        eta = statistics.fmean(durations) * (len(todo) - k - 1)
+        variant, seed = by_name[stage.name]
+        eta = statistics.fmean(durations) * (len(todo) - len(durations)) / jobs
         result = run_result(stage.output_dir(output_dir)) or {}
         logger.info(
             "Study [%d/%d] %s seed %d: %s in %s; ETA %s",
-            k + 1,
+            len(durations),
             len(todo),
             variant.name,
             seed,
             result.get("metrics"),
-            _fmt_duration(durations[-1]),
+            _fmt_duration(seconds),
             _fmt_duration(eta),
         )
-        if k + 1 < len(todo):  # a partial table, in case the study is stopped here
-            _write_study(spec, output_dir, jobs, finished, teacher_row, require_all=False)
-    study = _write_study(spec, output_dir, jobs, finished, teacher_row, require_all=train)
+        if len(durations) < len(todo):
+            _write_study(spec, output_dir, planned, finished, teacher_row, require_all=False)
+
+    if jobs > 1:
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        stages = [stage for _, _, stage in todo]
+        run_side_by_side(stages, output_dir, jobs, threads, on_finish=record)
+    else:
+        for _, _, stage in todo:
+            start = time.perf_counter()
+            stage.run(output_dir)
+            record(stage, time.perf_counter() - start)
+    study = _write_study(spec, output_dir, planned, finished, teacher_row, require_all=train)
     logger.info("Study table:\n%s", study.pop("table"))
     return {**study, "trained_now": len(todo)}
 
