@@ -224,6 +224,43 @@ def test_stage_retrains_when_its_config_resolves_differently(tmp_path, monkeypat
     assert digest(py, []) == digest(py, []) != digest(py, ["train.max_iter=4"])
 
 
+def test_a_run_trained_before_a_key_existed_is_kept(tmp_path, monkeypatch, log_records):
+    import yaml
+
+    import acamkd.experiments.stages as stages
+
+    def fake_train(cmd, check, cwd):  # train_net.py saves the config it trains with
+        out = cmd[cmd.index("OUTPUT_DIR") + 1]
+        torch.save({"model": {}}, os.path.join(out, "model_final.pth"))
+        text = stages.resolved_config_text(str(config), opts)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(text.replace("OUTPUT_DIR: ./output", f"OUTPUT_DIR: {out}"))
+
+    monkeypatch.setattr(stages.subprocess, "run", fake_train)
+    root, opts = str(tmp_path / "runs"), ["SOLVER.MAX_ITER", "4"]
+    config = tmp_path / "student.yaml"
+    config.write_text(f'_BASE_: "{REPO}/{DET}/retinanet_R_18_FPN_streets.yaml"\n')
+    stage = stages.Stage("s", str(config), opts)
+    assert stage.run(root) and stage.is_finished(root)
+    run = tmp_path / "runs" / "s"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    record = json.loads((run / "stage.json").read_text())
+    messages = log_records("acamkd.experiments.stages")
+
+    # As an older version of the package trained it: without MASK_BUDGET, another digest.
+    del saved["MODEL"]["ACAMKD"]["MASK_BUDGET"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "stage.json").write_text(json.dumps(dict(record, resolved_sha256="0" * 64)))
+    assert stage.is_finished(root) and not stage.run(root)
+    assert any("MODEL.ACAMKD.MASK_BUDGET (now 0.0)" in m for m in messages)
+    # Any other difference (here a value) still retrains; so does a run without its config.
+    saved["SOLVER"]["BASE_LR"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert not stage.is_finished(root)
+    (run / "config.yaml").unlink()
+    assert not stage.is_finished(root)
+
+
 def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monkeypatch):
     import acamkd.experiments.stages as stages
 

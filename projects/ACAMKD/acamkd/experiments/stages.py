@@ -6,7 +6,8 @@ final checkpoint is readable and was trained with the requested command and the 
 config (both recorded in ``stage.json`` before training starts: the config file, the overrides
 and a digest of the config they resolve to, so that an edited config file or a changed default
 also counts as a change); a stage that changed is retrained from scratch, and an interrupted
-one resumes from its last checkpoint (``--resume``).
+one resumes from its last checkpoint (``--resume``). A run whose own ``config.yaml`` differs from
+the config asked only by keys this package gained since it trained is kept, with a warning.
 """
 
 import datetime
@@ -21,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
+
+import yaml
 
 from ..config import REPO_ROOT
 from ..training.checkpoint_files import is_readable_checkpoint
@@ -38,11 +41,13 @@ logger = logging.getLogger(__name__)
 
 _RECORD = "stage.json"
 _FINAL = "model_final.pth"
+_SAVED_CONFIG = "config.yaml"  # what train_net.py wrote: the config the run trained with
+_OUTPUT_KEYS = ("OUTPUT_DIR", "train.output_dir")
 
 
-def resolved_config_digest(config: str, opts: Sequence[str]) -> str:
+def resolved_config_text(config: str, opts: Sequence[str]) -> str:
     """
-    SHA-256 of the config that ``train_net.py`` builds from ``config`` and ``opts``: for a
+    The config that ``train_net.py`` builds from ``config`` and ``opts``, as YAML text: for a
     YAML, this package's defaults merged with the file (and its ``_BASE_`` files) and the
     overrides; for a ``.py``, the loaded file with the overrides applied.
 
@@ -56,15 +61,51 @@ def resolved_config_digest(config: str, opts: Sequence[str]) -> str:
 
         from detectron2.config import LazyConfig
 
-        text = OmegaConf.to_yaml(LazyConfig.apply_overrides(LazyConfig.load(path), list(opts)))
-    else:
-        from ..config import get_acamkd_cfg
+        return OmegaConf.to_yaml(LazyConfig.apply_overrides(LazyConfig.load(path), list(opts)))
+    from ..config import get_acamkd_cfg
 
-        cfg = get_acamkd_cfg()
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(list(opts))
-        text = cfg.dump()
-    return hashlib.sha256(text.encode()).hexdigest()
+    cfg = get_acamkd_cfg()
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg.dump()
+
+
+def resolved_config_digest(config: str, opts: Sequence[str]) -> str:
+    """SHA-256 of :func:`resolved_config_text`."""
+    return hashlib.sha256(resolved_config_text(config, opts).encode()).hexdigest()
+
+
+def _flatten(tree: object, prefix: str = "") -> Dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    flat: Dict[str, object] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def keys_added_since(saved_config: str, config: str, opts: Sequence[str]) -> Optional[Dict]:
+    """
+    The keys that the config asked now has and the one a run saved (``<run>/config.yaml``, as
+    ``train_net.py`` wrote it) lacks, when they are the only difference besides the output
+    folder: a run trained before a newer version of this package added a key.
+
+    Returns:
+        dict or None: ``{key: value now}``; None when the saved config is missing or unreadable,
+        or differs in another way (a changed value, a removed key).
+    """
+    try:
+        with open(saved_config) as f:
+            saved = _flatten(yaml.safe_load(f))
+    except (OSError, yaml.YAMLError):
+        return None
+    asked = _flatten(yaml.safe_load(resolved_config_text(config, opts)))
+    for flat in (saved, asked):
+        for key in _OUTPUT_KEYS:
+            flat.pop(key, None)
+    if any(key not in asked or asked[key] != value for key, value in saved.items()):
+        return None
+    return {key: value for key, value in asked.items() if key not in saved}
 
 
 @dataclass
@@ -112,16 +153,33 @@ class Stage:
             "resolved_sha256": resolved_config_digest(self.config, self.opts),
         }
 
-    @staticmethod
-    def _matches(previous: Dict[str, object], current: Dict[str, object]) -> bool:
+    def _matches(self, out: str, previous: Dict[str, object], current: Dict[str, object]) -> bool:
         """
-        Whether a run recorded as ``previous`` was trained as ``current`` (this stage's
-        :meth:`_record`) asks. A record written before the digest existed is compared on the
-        config file and overrides.
+        Whether the run in ``out``, recorded as ``previous``, was trained as ``current`` (this
+        stage's :meth:`_record`) asks. A record written before the digest existed is compared
+        on the config file and overrides. Where only the digest differs, a run whose saved
+        config lacks nothing but keys added to this package since it trained is kept (see
+        :func:`keys_added_since`), with a warning naming them.
         """
+        if previous == current:
+            return True
+        command = {k: v for k, v in current.items() if k != "resolved_sha256"}
         if "resolved_sha256" not in previous:
-            current = {k: v for k, v in current.items() if k != "resolved_sha256"}
-        return previous == current
+            return previous == command
+        if {k: v for k, v in previous.items() if k != "resolved_sha256"} != command:
+            return False
+        added = keys_added_since(os.path.join(out, _SAVED_CONFIG), self.config, self.opts)
+        if added is None:
+            return False
+        if added:
+            logger.warning(
+                "[%s] %s was trained before %s existed; kept, as they are its only difference "
+                "from the config asked now (new keys keep the old behaviour by default)",
+                self.name,
+                out,
+                ", ".join(f"{k} (now {v!r})" for k, v in sorted(added.items())),
+            )
+        return True
 
     def is_finished(self, root: str) -> bool:
         """The final checkpoint is readable and was trained as this stage asks."""
@@ -133,7 +191,7 @@ class Stage:
         if not (os.path.isfile(record) and os.path.isfile(os.path.join(out, _FINAL))):
             return False
         with open(record) as f:
-            if not self._matches(json.load(f), current):
+            if not self._matches(out, json.load(f), current):
                 return False
         return is_readable_checkpoint(os.path.join(out, _FINAL))
 
@@ -154,7 +212,7 @@ class Stage:
         if os.path.isfile(record):
             with open(record) as f:
                 previous = json.load(f)
-            if not self._matches(previous, current):
+            if not self._matches(out, previous, current):
                 logger.warning(
                     "[%s] %s was trained with %s; now asked for %s (config file, overrides or "
                     "the config they resolve to differ): retraining from scratch",
