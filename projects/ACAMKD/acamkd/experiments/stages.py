@@ -32,8 +32,10 @@ __all__ = [
     "Stage",
     "REPO_ROOT",
     "final_metrics",
+    "keys_added_since",
     "read_metrics",
     "resolved_config_digest",
+    "resolved_config_text",
     "run_side_by_side",
 ]
 
