@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -86,11 +86,12 @@ def _flatten(tree: object, prefix: str = "") -> Dict[str, object]:
     return flat
 
 
-def keys_added_since(saved_config: str, config: str, opts: Sequence[str]) -> Optional[Dict]:
+def keys_added_since(saved_config: str, asked_text: str) -> Optional[Dict]:
     """
-    The keys that the config asked now has and the one a run saved (``<run>/config.yaml``, as
-    ``train_net.py`` wrote it) lacks, when they are the only difference besides the output
-    folder: a run trained before a newer version of this package added a key.
+    The keys that the config asked now (``asked_text``, see :func:`resolved_config_text`) has
+    and the one a run saved (``<run>/config.yaml``, as ``train_net.py`` wrote it) lacks, when
+    they are the only difference besides the output folder: a run trained before a newer
+    version of this package added a key.
 
     Returns:
         dict or None: ``{key: value now}``; None when the saved config is missing or unreadable,
@@ -101,7 +102,7 @@ def keys_added_since(saved_config: str, config: str, opts: Sequence[str]) -> Opt
             saved = _flatten(yaml.safe_load(f))
     except (OSError, yaml.YAMLError):
         return None
-    asked = _flatten(yaml.safe_load(resolved_config_text(config, opts)))
+    asked = _flatten(yaml.safe_load(asked_text))
     for flat in (saved, asked):
         for key in _OUTPUT_KEYS:
             flat.pop(key, None)
@@ -148,21 +149,27 @@ class Stage:
             *self.opts,
         ]
 
-    def _record(self) -> Dict[str, object]:
-        return {
+    def _asked(self) -> Tuple[Dict[str, object], str]:
+        """The record of what this stage asks (``stage.json``) and the config it resolves to."""
+        text = resolved_config_text(self.config, self.opts)
+        record = {
             "config": self.config,
             "opts": list(self.opts),
-            "resolved_sha256": resolved_config_digest(self.config, self.opts),
+            "resolved_sha256": hashlib.sha256(text.encode()).hexdigest(),
         }
+        return record, text
 
-    def _matches(self, out: str, previous: Dict[str, object], current: Dict[str, object]) -> bool:
+    def _matches(
+        self, out: str, previous: Dict[str, object], asked: Tuple[Dict[str, object], str]
+    ) -> bool:
         """
-        Whether the run in ``out``, recorded as ``previous``, was trained as ``current`` (this
-        stage's :meth:`_record`) asks. A record written before the digest existed is compared
+        Whether the run in ``out``, recorded as ``previous``, was trained as ``asked`` (this
+        stage's :meth:`_asked`) asks. A record written before the digest existed is compared
         on the config file and overrides. Where only the digest differs, a run whose saved
         config lacks nothing but keys added to this package since it trained is kept (see
         :func:`keys_added_since`), with a warning naming them.
         """
+        current, asked_text = asked
         if previous == current:
             return True
         command = {k: v for k, v in current.items() if k != "resolved_sha256"}
@@ -170,7 +177,7 @@ class Stage:
             return previous == command
         if {k: v for k, v in previous.items() if k != "resolved_sha256"} != command:
             return False
-        added = keys_added_since(os.path.join(out, _SAVED_CONFIG), self.config, self.opts)
+        added = keys_added_since(os.path.join(out, _SAVED_CONFIG), asked_text)
         if added is None:
             return False
         if added:
@@ -185,15 +192,15 @@ class Stage:
 
     def is_finished(self, root: str) -> bool:
         """The final checkpoint is readable and was trained as this stage asks."""
-        return self._is_finished(root, self._record())
+        return self._is_finished(root, self._asked())
 
-    def _is_finished(self, root: str, current: Dict[str, object]) -> bool:
+    def _is_finished(self, root: str, asked: Tuple[Dict[str, object], str]) -> bool:
         out = self.output_dir(root)
         record = os.path.join(out, _RECORD)
         if not (os.path.isfile(record) and os.path.isfile(os.path.join(out, _FINAL))):
             return False
         with open(record) as f:
-            if not self._matches(out, json.load(f), current):
+            if not self._matches(out, json.load(f), asked):
                 return False
         return is_readable_checkpoint(os.path.join(out, _FINAL))
 
@@ -206,22 +213,22 @@ class Stage:
             list[str] or None: the command to run, or None if the stage is finished.
         """
         out = self.output_dir(root)
-        current = self._record()  # resolves the config once for the checks and the record
-        if self._is_finished(root, current):
+        asked = self._asked()  # resolves the config once for the checks and the record
+        if self._is_finished(root, asked):
             logger.info("[%s] already trained in %s: skipped", self.name, out)
             return None
         record = os.path.join(out, _RECORD)
         if os.path.isfile(record):
             with open(record) as f:
                 previous = json.load(f)
-            if not self._matches(out, previous, current):
+            if not self._matches(out, previous, asked):
                 logger.warning(
                     "[%s] %s was trained with %s; now asked for %s (config file, overrides or "
                     "the config they resolve to differ): retraining from scratch",
                     self.name,
                     out,
                     previous,
-                    current,
+                    asked[0],
                 )
                 shutil.rmtree(out)
         elif os.path.isfile(os.path.join(out, _FINAL)):
@@ -231,7 +238,7 @@ class Stage:
             shutil.rmtree(out)
         os.makedirs(out, exist_ok=True)
         with open(record, "w") as f:
-            json.dump(current, f, indent=1)
+            json.dump(asked[0], f, indent=1)
         cmd = self.command(root)
         logger.info("[%s] %s", self.name, shlex.join(cmd))
         return cmd
