@@ -182,17 +182,21 @@ def test_stage_is_finished_only_when_readable_and_trained_as_asked(tmp_path, mon
     assert not stage.is_finished(root)
     assert stage.run(root) and stage.is_finished(root) and len(calls) == 1
     assert not stage.run(root) and len(calls) == 1  # finished: skipped
-    # Another schedule: not finished, and the old folder is not resumed but emptied.
+    # Another schedule: not finished, and the old folder is not resumed but set aside whole.
     (tmp_path / "s" / "model_0000001.pth").write_bytes(b"old")
     longer = stages.Stage("s", stage.config, ["SOLVER.MAX_ITER", "8"])
     assert not longer.is_finished(root)
     assert longer.run(root) and len(calls) == 2
     assert not (tmp_path / "s" / "model_0000001.pth").exists()
+    assert (tmp_path / "s.replaced-1" / "model_0000001.pth").read_bytes() == b"old"
+    assert stage.run(root) and len(calls) == 3  # back to 4 iterations: the next free name
+    assert (tmp_path / "s.replaced-2" / "stage.json").exists()
+    assert longer.run(root) and len(calls) == 4
     # A truncated final checkpoint is not finished: the stage trains (resumes) again.
     final = tmp_path / "s" / "model_final.pth"
     final.write_bytes(final.read_bytes()[:20])
     assert not longer.is_finished(root)
-    assert longer.run(root) and len(calls) == 3 and longer.is_finished(root)
+    assert longer.run(root) and len(calls) == 5 and longer.is_finished(root)
 
 
 def test_stage_retrains_when_its_config_resolves_differently(tmp_path, monkeypatch):

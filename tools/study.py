@@ -169,7 +169,9 @@ def main() -> None:
         jobs=args.jobs,
         threads=args.threads or None,
     )
-    print(open(os.path.join(args.output_dir, "study.md")).read())
+    logging.getLogger("acamkd").info(
+        "Wrote study.md, study.json and study.png to %s", os.path.abspath(args.output_dir)
+    )
     return study
 
 

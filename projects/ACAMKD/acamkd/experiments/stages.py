@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -206,8 +205,8 @@ class Stage:
 
     def prepare(self, root: str) -> Optional[List[str]]:
         """
-        Get the folder ready to train: a folder trained with another command or config is
-        emptied, the record of what is asked is written.
+        Get the folder ready to train: a folder trained with another command or config is set
+        aside (renamed ``<folder>.replaced-<n>``), the record of what is asked is written.
 
         Returns:
             list[str] or None: the command to run, or None if the stage is finished.
@@ -224,18 +223,24 @@ class Stage:
             if not self._matches(out, previous, asked):
                 logger.warning(
                     "[%s] %s was trained with %s; now asked for %s (config file, overrides or "
-                    "the config they resolve to differ): retraining from scratch",
+                    "the config they resolve to differ): retraining from scratch, the old run "
+                    "set aside in %s",
                     self.name,
                     out,
                     previous,
                     asked[0],
+                    _set_aside(out),
                 )
-                shutil.rmtree(out)
         elif os.path.isfile(os.path.join(out, _FINAL)):
             # A final checkpoint without a record (an older layout, or unreadable): no way to
             # know its schedule, so it is not trusted.
-            logger.warning("[%s] %s has no %s: retraining from scratch", self.name, out, _RECORD)
-            shutil.rmtree(out)
+            logger.warning(
+                "[%s] %s has no %s: retraining from scratch, the old run set aside in %s",
+                self.name,
+                out,
+                _RECORD,
+                _set_aside(out),
+            )
         os.makedirs(out, exist_ok=True)
         with open(record, "w") as f:
             json.dump(asked[0], f, indent=1)
@@ -255,6 +260,16 @@ class Stage:
             return False
         subprocess.run(cmd, check=True, cwd=REPO_ROOT)
         return True
+
+
+def _set_aside(folder: str) -> str:
+    """Rename ``folder`` to the first free ``<folder>.replaced-<n>`` (nothing is deleted: a run
+    retrained by mistake can be moved back); returns the new path."""
+    n = 1
+    while os.path.exists(f"{folder}.replaced-{n}"):
+        n += 1
+    os.rename(folder, f"{folder}.replaced-{n}")
+    return f"{folder}.replaced-{n}"
 
 
 def run_side_by_side(
