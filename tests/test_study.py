@@ -454,3 +454,30 @@ def test_study_tool_evaluates_the_teacher_with_its_overrides(tmp_path):
     teacher_config, teacher_opts = tool._teacher_config(args)
     assert teacher_config.endswith("fcos_R_18_FPN_wide_streets.yaml")
     assert teacher_opts[-2:] == ["MODEL.RETINANET.NUM_CONVS", "4"]
+
+
+def test_the_teacher_is_evaluated_once_per_weights_and_config(tmp_path, monkeypatch):
+    import acamkd.experiments.compare as compare
+    from acamkd.experiments.study import _evaluate_teacher
+
+    evaluated = []
+
+    def fake_evaluate(model_spec, output_dir):
+        evaluated.append(model_spec)
+        return {"metrics": {"AP": 40.0 + len(evaluated)}, "gflops": float("nan")}
+
+    monkeypatch.setattr(compare, "evaluate_model", fake_evaluate)
+    weights = tmp_path / "teacher.pth"
+    weights.write_bytes(b"first")
+    spec = _spec(teacher_weights=str(weights))
+    out = str(tmp_path / "study")
+    first = _evaluate_teacher(spec, out)
+    assert first["metrics"] == {"AP": 41.0} and len(evaluated) == 1
+    assert _evaluate_teacher(spec, out) == {"metrics": {"AP": 41.0}, "gflops": None}
+    assert len(evaluated) == 1  # kept from the first time
+    weights.write_bytes(b"another")  # another teacher file at the same path
+    assert _evaluate_teacher(spec, out)["metrics"] == {"AP": 42.0}
+    other_config = _spec(teacher_weights=str(weights), teacher_opts=["SOLVER.MAX_ITER", "7"])
+    assert _evaluate_teacher(other_config, out)["metrics"] == {"AP": 43.0}
+    assert _evaluate_teacher(other_config, out)["metrics"] == {"AP": 43.0}
+    assert len(evaluated) == 3

@@ -20,9 +20,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from ..modeling.teacher import resolve_config_file
 from ..training.mask_collapse import is_collapsed, read_final_statistics
+from ..training.teacher_weights import weights_sha256
 from .compare import json_safe
-from .stages import REPO_ROOT, Stage, final_metrics, read_metrics, run_side_by_side
+from .stages import (
+    REPO_ROOT,
+    Stage,
+    final_metrics,
+    read_metrics,
+    resolved_config_digest,
+    run_side_by_side,
+)
 
 __all__ = [
     "Variant",
@@ -515,12 +524,33 @@ def _write_study(
 
 
 def _evaluate_teacher(spec: StudySpec, output_dir: str) -> Dict:
+    """The teacher's evaluation, kept in ``teacher_eval/teacher.json`` and reused while its
+    weights (by SHA-256) and the config they are built with (resolved) stay the same."""
     from .compare import ModelSpec, evaluate_model  # noqa: F811
 
-    return evaluate_model(
+    folder = os.path.join(output_dir, "teacher_eval")
+    saved = os.path.join(folder, "teacher.json")
+    identity = {
+        "weights_sha256": weights_sha256(spec.teacher_weights),
+        "config_sha256": resolved_config_digest(
+            resolve_config_file(spec.teacher_config), spec.teacher_opts
+        ),
+    }
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            previous = json.load(f)
+        if previous.get("identity") == identity:
+            logger.info("Teacher: evaluated before (%s), not again", saved)
+            return previous["result"]
+    result = evaluate_model(
         ModelSpec("teacher", spec.teacher_config, spec.teacher_weights, list(spec.teacher_opts)),
-        output_dir=os.path.join(output_dir, "teacher_eval"),
+        output_dir=folder,
     )
+    os.makedirs(folder, exist_ok=True)
+    with open(saved + ".partial", "w") as f:
+        json.dump({"identity": identity, "result": json_safe(result)}, f, indent=1)
+    os.replace(saved + ".partial", saved)
+    return result
 
 
 def summarize(

@@ -19,7 +19,13 @@ from fvcore.common.checkpoint import _IncompatibleKeys
 
 from .checkpoint_files import WeightsError, _listing, explain_unreadable_weights
 
-__all__ = ["TeacherWeights", "TeacherWeightsError", "load_teacher_weights", "teacher_source"]
+__all__ = [
+    "TeacherWeights",
+    "TeacherWeightsError",
+    "load_teacher_weights",
+    "teacher_source",
+    "weights_sha256",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +133,12 @@ def _sha256(local_path: str) -> str:
     return _SHA256_CACHE[key]
 
 
+def weights_sha256(path: str) -> str:
+    """SHA-256 of the weights file ``path`` (a URL: of its local copy), computed once per
+    process."""
+    return _sha256(PathManager.get_local_path(path))
+
+
 def teacher_source(weights: TeacherWeights) -> Dict[str, Any]:
     """
     What a distiller checkpoint records instead of the teacher's tensors: ``{"path",
@@ -146,7 +158,7 @@ def _file_source(path: str, setting: str, what: str) -> Dict[str, Any]:
     if not path:
         return {"path": "", "setting": setting, "random_init": True}
     with explain_unreadable_weights(path, setting, what=what):
-        digest = _sha256(PathManager.get_local_path(path))
+        digest = weights_sha256(path)
     return {"path": path, "setting": setting, "sha256": digest}
 
 
