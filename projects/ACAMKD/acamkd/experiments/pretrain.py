@@ -28,6 +28,7 @@ from detectron2.modeling import build_backbone
 from fvcore.common.checkpoint import Checkpointer
 
 from ..data.streets_meta import STREETS_THING_CLASSES
+from ..training.checkpoint_files import write_atomically
 
 __all__ = ["CropSet", "CropClassifier", "object_crops", "pretrain_backbone", "save_backbone_pkl"]
 
@@ -166,10 +167,7 @@ def save_backbone_pkl(model: CropClassifier, path: str) -> str:
     """
     state = {k: v.detach().cpu().numpy() for k, v in model.bottom_up.state_dict().items()}
     data = {"model": state, "__author__": "acamkd pretrain_backbone", "matching_heuristics": True}
-    partial = path + ".partial"
-    with open(partial, "wb") as f:
-        pickle.dump(data, f)
-    os.replace(partial, path)
+    write_atomically(path, lambda f: pickle.dump(data, f), "wb")
     return path
 
 

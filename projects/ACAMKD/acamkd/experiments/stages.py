@@ -221,6 +221,7 @@ class Stage:
             with open(record) as f:
                 previous = json.load(f)
             if not self._matches(out, previous, asked):
+                aside = _set_aside(out)
                 logger.warning(
                     "[%s] %s was trained with %s; now asked for %s (config file, overrides or "
                     "the config they resolve to differ): retraining from scratch, the old run "
@@ -229,17 +230,18 @@ class Stage:
                     out,
                     previous,
                     asked[0],
-                    _set_aside(out),
+                    aside,
                 )
         elif os.path.isfile(os.path.join(out, _FINAL)):
             # A final checkpoint without a record (an older layout, or unreadable): no way to
             # know its schedule, so it is not trusted.
+            aside = _set_aside(out)
             logger.warning(
                 "[%s] %s has no %s: retraining from scratch, the old run set aside in %s",
                 self.name,
                 out,
                 _RECORD,
-                _set_aside(out),
+                aside,
             )
         os.makedirs(out, exist_ok=True)
         with open(record, "w") as f:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..modeling.teacher import resolve_config_file
+from ..training.checkpoint_files import write_atomically
 from ..training.mask_collapse import is_collapsed, read_final_statistics
 from ..training.teacher_weights import weights_sha256
 from .compare import json_safe
@@ -547,9 +548,8 @@ def _evaluate_teacher(spec: StudySpec, output_dir: str) -> Dict:
         output_dir=folder,
     )
     os.makedirs(folder, exist_ok=True)
-    with open(saved + ".partial", "w") as f:
-        json.dump({"identity": identity, "result": json_safe(result)}, f, indent=1)
-    os.replace(saved + ".partial", saved)
+    kept = {"identity": identity, "result": json_safe(result)}
+    write_atomically(saved, lambda f: json.dump(kept, f, indent=1), "w")
     return result
 
 

@@ -3,7 +3,7 @@ Checkpoint files: atomic writes, the readable-checkpoint check, and errors that 
 file that cannot be read.
 
 A checkpoint (and ``last_checkpoint``) is written to a temporary file in the same folder and
-renamed into place once complete (:func:`_write_atomically`), so a process killed while saving
+renamed into place once complete (:func:`write_atomically`), so a process killed while saving
 never leaves a truncated ``model_*.pth``; a checkpoint that cannot be read anyway (e.g. cut short
 by a full disk or written by an older version) raises :class:`_UnreadableCheckpoint`, which
 resuming skips. A weights file that cannot be read or downloaded raises a :class:`WeightsError`
@@ -18,7 +18,12 @@ import torch
 
 from detectron2.utils.file_io import Detectron2Handler
 
-__all__ = ["WeightsError", "explain_unreadable_weights", "is_readable_checkpoint"]
+__all__ = [
+    "WeightsError",
+    "explain_unreadable_weights",
+    "is_readable_checkpoint",
+    "write_atomically",
+]
 
 
 # Suffix of the file a checkpoint is written to before it is renamed into place. It does not
@@ -90,7 +95,7 @@ class _UnreadableCheckpoint(RuntimeError):
         super().__init__(f"Cannot read checkpoint {path}: {reason}")
 
 
-def _write_atomically(path: str, write, mode: str) -> None:
+def write_atomically(path: str, write, mode: str) -> None:
     """
     Write ``path`` through ``write(file)`` into ``path + ".partial"`` in the same folder, flush
     it to disk, then rename it onto ``path`` (atomic on POSIX and Windows): a reader sees the

@@ -42,8 +42,8 @@ from .checkpoint_files import (
     _listing,
     _strip_module,
     _UnreadableCheckpoint,
-    _write_atomically,
     explain_unreadable_weights,
+    write_atomically,
 )
 from .frozen_weights import (
     FrozenWeightsError,
@@ -143,7 +143,7 @@ class DistillationCheckpointer(DetectionCheckpointer):
         assert os.path.basename(save_file) == basename, basename
         self.logger.info(f"Saving checkpoint to {save_file}")
         if os.path.isdir(self.save_dir):
-            _write_atomically(save_file, lambda f: torch.save(data, f), "wb")
+            write_atomically(save_file, lambda f: torch.save(data, f), "wb")
         else:  # not a local folder: written in place, as fvcore does
             with self.path_manager.open(save_file, "wb") as f:
                 torch.save(data, f)
@@ -187,7 +187,7 @@ class DistillationCheckpointer(DetectionCheckpointer):
         if not os.path.isdir(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
         save_file = os.path.join(self.save_dir, "last_checkpoint")
-        _write_atomically(save_file, lambda f: f.write(last_filename_basename), "w")
+        write_atomically(save_file, lambda f: f.write(last_filename_basename), "w")
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """
