@@ -514,11 +514,13 @@ def _write_study(
     names = [v.name for v in spec.variants if any(r["variant"] == v.name for r in runs)]
     summary = summarize(runs, names, teacher_row)
     study = {"variants": summary, "runs": runs, "teacher": teacher_row, "seeds": list(spec.seeds)}
-    with open(os.path.join(output_dir, "study.json"), "w") as f:
-        json.dump(json_safe(study), f, indent=1)
+    write_atomically(
+        os.path.join(output_dir, "study.json"),
+        lambda f: json.dump(json_safe(study), f, indent=1),
+        "w",
+    )
     table = format_study_markdown(summary, runs[0]["task"] if runs else "bbox", teacher_row)
-    with open(os.path.join(output_dir, "study.md"), "w") as f:
-        f.write(table)
+    write_atomically(os.path.join(output_dir, "study.md"), lambda f: f.write(table), "w")
     if summary:
         plot_study(summary, teacher_row, os.path.join(output_dir, "study.png"))
     return {**study, "table": table}
