@@ -265,9 +265,12 @@ def test_a_run_trained_before_a_key_existed_is_kept(tmp_path, monkeypatch, log_r
     assert not stage.is_finished(root)
 
 
-def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monkeypatch):
+def test_study_trains_seed_major_and_tables_what_finished_so_far(
+    tmp_path, monkeypatch, log_records
+):
     import acamkd.experiments.stages as stages
 
+    messages = log_records("acamkd.experiments.study")
     out = str(tmp_path / "study")
     order, tables = [], []
 
@@ -290,6 +293,10 @@ def test_study_trains_seed_major_and_tables_what_finished_so_far(tmp_path, monke
     # Before each later run, study.json held exactly the runs finished until then.
     assert tables == [order[:1], order[:2], order[:3]]
     assert [r["values"] for r in study["variants"]] == [[10.0, 11.0], [10.0, 11.0]]
+    # Each finished run is logged by its main metric, not by the whole evaluation dict.
+    finished = [m for m in messages if m.startswith("Study [")]
+    assert finished[1].startswith("Study [2/4] sum_sq seed 0: bbox/AP 10.00 in ")
+    assert finished[3].startswith("Study [4/4] sum_sq seed 1: bbox/AP 11.00 in ")
 
 
 def test_jobs_train_runs_side_by_side_with_their_threads_and_tables_them(tmp_path, monkeypatch):

@@ -459,14 +459,19 @@ def run_study(
         finished.add(stage.name)
         variant, seed = by_name[stage.name]
         eta = statistics.fmean(durations) * (len(todo) - len(durations)) / jobs
-        result = run_result(stage.output_dir(output_dir)) or {}
+        result = run_result(stage.output_dir(output_dir))
+        if result is None:
+            outcome = "no evaluation"
+        else:
+            name = _MAIN_METRIC[result["task"]]
+            outcome = f"{result['task']}/{name} {result['metrics'].get(name, float('nan')):.2f}"
         logger.info(
             "Study [%d/%d] %s seed %d: %s in %s; ETA %s",
             len(durations),
             len(todo),
             variant.name,
             seed,
-            result.get("metrics"),
+            outcome,
             _fmt_duration(seconds),
             _fmt_duration(eta),
         )
