@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..config import REPO_ROOT
-from ..training.checkpoint_files import is_readable_checkpoint
+from ..training.checkpoint_files import is_readable_checkpoint, write_atomically
 
 __all__ = [
     "Stage",
@@ -244,8 +244,7 @@ class Stage:
                 aside,
             )
         os.makedirs(out, exist_ok=True)
-        with open(record, "w") as f:
-            json.dump(asked[0], f, indent=1)
+        write_atomically(record, lambda f: json.dump(asked[0], f, indent=1), "w")
         cmd = self.command(root)
         logger.info("[%s] %s", self.name, shlex.join(cmd))
         return cmd
