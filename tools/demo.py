@@ -28,6 +28,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
+from acamkd.data import BENCHMARK_SCENES
 from acamkd.experiments.demo import run_demo
 
 
@@ -42,12 +43,29 @@ def main() -> None:
         default="detection",
         help="detection: FCOS wide R-18 -> R-18, COCO AP; segmentation: DeepLabV3, mIoU",
     )
-    parser.add_argument("--num-train", type=int, default=320, help="generated training images")
-    parser.add_argument("--num-val", type=int, default=80, help="generated validation images")
-    parser.add_argument("--width", type=int, default=320, help="generated image width")
-    parser.add_argument("--height", type=int, default=160, help="generated image height")
     parser.add_argument(
-        "--max-depth", type=float, default=14.0, help="farthest object depth in metres"
+        "--num-train",
+        type=int,
+        default=BENCHMARK_SCENES["num_train"],
+        help="generated training images",
+    )
+    parser.add_argument(
+        "--num-val",
+        type=int,
+        default=BENCHMARK_SCENES["num_val"],
+        help="generated validation images",
+    )
+    parser.add_argument(
+        "--width", type=int, default=BENCHMARK_SCENES["width"], help="generated image width"
+    )
+    parser.add_argument(
+        "--height", type=int, default=BENCHMARK_SCENES["height"], help="generated image height"
+    )
+    parser.add_argument(
+        "--max-depth",
+        type=float,
+        default=BENCHMARK_SCENES["max_depth"],
+        help="farthest object depth in metres",
     )
     parser.add_argument(
         "--teacher-iters", type=int, default=None, help="default: 600 (detection), 300 (seg.)"

@@ -7,7 +7,7 @@ does nothing; other parameters (or ``--force``) regenerate the set.
 
 Example::
 
-    python tools/generate_data.py                      # default: 240 train / 60 val, 320x160
+    python tools/generate_data.py      # the benchmark's scenes: 320 train / 80 val, 320x160
     python tools/generate_data.py --num-train 24 --num-val 6 --width 160 --height 80
 """
 import argparse
@@ -15,7 +15,7 @@ import time
 
 from detectron2.utils.logger import setup_logger
 
-from acamkd.data import default_datasets_root, generate_streets
+from acamkd.data import BENCHMARK_SCENES, default_datasets_root, generate_streets
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,18 @@ def get_parser() -> argparse.ArgumentParser:
             default_datasets_root()
         ),
     )
-    parser.add_argument("--num-train", type=int, default=240, help="training images")
-    parser.add_argument("--num-val", type=int, default=60, help="validation images")
-    parser.add_argument("--width", type=int, default=320, help="image width in pixels")
-    parser.add_argument("--height", type=int, default=160, help="image height in pixels")
-    parser.add_argument(
-        "--max-depth", type=float, default=65.0, help="farthest object depth in metres"
-    )
+    # The defaults are the benchmark's scenes (what `make demo` and every study use).
+    for flag, kind, what in (
+        ("num-train", int, "training images"),
+        ("num-val", int, "validation images"),
+        ("width", int, "image width in pixels"),
+        ("height", int, "image height in pixels"),
+        ("max-depth", float, "farthest object depth in metres"),
+    ):
+        default = BENCHMARK_SCENES[flag.replace("-", "_")]
+        parser.add_argument(
+            "--" + flag, type=kind, default=kind(default), help=f"{what} (default: {default})"
+        )
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

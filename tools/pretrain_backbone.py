@@ -23,7 +23,7 @@ import os
 from detectron2.utils.logger import setup_logger
 
 from acamkd import get_acamkd_cfg
-from acamkd.data import default_datasets_root, generate_streets
+from acamkd.data import BENCHMARK_SCENES, default_datasets_root, generate_streets
 from acamkd.experiments.pretrain import object_crops, pretrain_backbone
 
 # The benchmark's scenes are generated with seed 0 (tools/demo.py, tools/generate_data.py).
@@ -38,7 +38,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seed", type=int, default=1000, help="generator seed (not 0)")
     parser.add_argument("--num-scenes", type=int, default=2000, help="generated scenes")
-    parser.add_argument("--max-depth", type=float, default=14.0, help="as the benchmark's")
+    parser.add_argument(
+        "--max-depth", type=float, default=BENCHMARK_SCENES["max_depth"], help="as the benchmark's"
+    )
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--max-iter", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -11,7 +11,13 @@ from .datasets import (
     register_coco_datasets,
     streets_dataset_names,
 )
-from .streets_meta import STREETS_DIRNAME, STREETS_THING_CLASSES, default_datasets_root, streets_dir
+from .streets_meta import (
+    BENCHMARK_SCENES,
+    STREETS_DIRNAME,
+    STREETS_THING_CLASSES,
+    default_datasets_root,
+    streets_dir,
+)
 
 # The generator's names, imported on first use: name -> submodule.
 __getattr__, __dir__ = _deferred.deferred_names(
@@ -29,6 +35,7 @@ __all__ = [
     "register_all_streets",
     "register_coco_datasets",
     "streets_dataset_names",
+    "BENCHMARK_SCENES",
     "STREETS_THING_CLASSES",
     "StreetScene",
     "render_street_scene",

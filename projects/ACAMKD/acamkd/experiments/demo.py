@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..data import generate_streets
+from ..data import BENCHMARK_SCENES, generate_streets
 from .compare import ModelSpec, compare_models, format_markdown, json_safe
 from .stages import REPO_ROOT, Stage, read_metrics, run_side_by_side
 
@@ -139,11 +139,11 @@ def read_training_log(output_dir: str) -> Dict[str, float]:
 def run_demo(
     output_dir: str,
     *,
-    num_train: int = 320,
-    num_val: int = 80,
-    width: int = 320,
-    height: int = 160,
-    max_depth: float = 14.0,
+    num_train: int = BENCHMARK_SCENES["num_train"],
+    num_val: int = BENCHMARK_SCENES["num_val"],
+    width: int = BENCHMARK_SCENES["width"],
+    height: int = BENCHMARK_SCENES["height"],
+    max_depth: float = BENCHMARK_SCENES["max_depth"],
     teacher_iters: Optional[int] = None,
     student_iters: Optional[int] = None,
     extra_opts: Sequence[str] = (),
