@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from acamkd import DistillationTrainer
-from acamkd.data import register_coco_datasets
+from acamkd.data import register_all_streets, register_coco_datasets
 from acamkd.data.checks import UnreadableImageError, check_datasets_registered, check_num_classes
 from acamkd.lazy import build_lazy_teacher
 
@@ -135,6 +135,21 @@ def test_unregistered_dataset_lists_close_matches():
         check_datasets_registered({"DATASETS.TRAIN": ["streets_coco_trian"]})
     assert_documented("unregistered-dataset", _message(e))
     assert "Close matches: streets_coco_train" in _message(e)
+
+
+def test_streets_that_were_not_generated_name_the_fix(tmp_path):
+    missing = str(tmp_path / "not_generated")
+    names = register_all_streets(missing, prefix="bad_inputs_streets")
+    try:
+        for name in names:  # the four layouts of both splits
+            with pytest.raises(FileNotFoundError) as e:
+                DatasetCatalog.get(name)
+            assert_documented("streets-not-generated", _message(e))
+            assert os.path.join(missing, "acamkd_streets") in _message(e)
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
 
 
 def _load_train_net():

@@ -25,7 +25,7 @@ from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 from cityscapesscripts.helpers.labels import name2label
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_sem_seg, register_coco_instances
+from detectron2.data.datasets import load_coco_json, load_sem_seg, register_coco_instances
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 
@@ -81,6 +81,27 @@ def _register_once(name: str, key: Tuple, register: Callable[[], None]) -> bool:
     return True
 
 
+def _generated(directory: str, load: Callable[[], List[Dict]]) -> Callable[[], List[Dict]]:
+    """``load``, which first checks that the streets were generated in ``directory``.
+
+    Without the check a missing set fails deep in pycocotools or cityscapesscripts; with it the
+    error names the folder, ``$DETECTRON2_DATASETS`` and the command that makes the data.
+    """
+
+    def load_generated() -> List[Dict]:
+        if not os.path.isfile(os.path.join(directory, "manifest.json")):
+            raise FileNotFoundError(
+                f"The generated street scenes are not in {directory} (no manifest.json): "
+                "generate the benchmark's scenes with 'python tools/generate_data.py' (or "
+                "'make demo'), or point $DETECTRON2_DATASETS (now "
+                f"{os.getenv('DETECTRON2_DATASETS', 'unset: ./datasets')}) at the folder that "
+                "holds acamkd_streets/."
+            )
+        return load()
+
+    return load_generated
+
+
 def _cityscapes_meta() -> Dict:
     meta = dict(_get_builtin_metadata("cityscapes"))  # thing_classes, stuff_classes
     train_labels = sorted(
@@ -125,11 +146,15 @@ def register_all_streets(root: Optional[str] = None, prefix: str = "streets") ->
         city = STREETS_CITIES[split]
 
         name = "{}_coco_{}".format(prefix, split)
-        _register_once(
-            name,
-            ("coco", json_file, image_root),
-            lambda n=name, j=json_file, r=image_root: register_coco_instances(n, coco_meta, j, r),
-        )
+
+        def register_coco(n=name, j=json_file, r=image_root):
+            # register_coco_instances, with the check that the set was generated.
+            DatasetCatalog.register(n, _generated(directory, lambda: load_coco_json(j, r, n)))
+            MetadataCatalog.get(n).set(
+                json_file=j, image_root=r, evaluator_type="coco", **coco_meta
+            )
+
+        _register_once(name, ("coco", json_file, image_root), register_coco)
         names.append(name)
 
         name = "{}_cityscapes_instance_{}".format(prefix, split)
@@ -139,7 +164,11 @@ def register_all_streets(root: Optional[str] = None, prefix: str = "streets") ->
             # registration does: the PNGs are exactly what the Cityscapes evaluator scores,
             # and reading the json needs shapely.
             DatasetCatalog.register(
-                n, lambda: load_cityscapes_instances(x, y, from_json=False, to_polygons=True)
+                n,
+                _generated(
+                    directory,
+                    lambda: load_cityscapes_instances(x, y, from_json=False, to_polygons=True),
+                ),
             )
             MetadataCatalog.get(n).set(
                 image_dir=x, gt_dir=y, evaluator_type="cityscapes_instance", **cs_meta
@@ -151,7 +180,9 @@ def register_all_streets(root: Optional[str] = None, prefix: str = "streets") ->
         name = "{}_cityscapes_sem_seg_{}".format(prefix, split)
 
         def register_semantic(n=name, x=image_dir, y=gt_dir):
-            DatasetCatalog.register(n, lambda: load_cityscapes_semantic(x, y))
+            DatasetCatalog.register(
+                n, _generated(directory, lambda: load_cityscapes_semantic(x, y))
+            )
             MetadataCatalog.get(n).set(
                 image_dir=x,
                 gt_dir=y,
@@ -172,8 +203,11 @@ def register_all_streets(root: Optional[str] = None, prefix: str = "streets") ->
         def register_sem_seg(n=name, x=city_images, y=city_labels):
             DatasetCatalog.register(
                 n,
-                lambda: load_sem_seg(
-                    y, x, gt_ext="gtFine_labelTrainIds.png", image_ext="leftImg8bit.png"
+                _generated(
+                    directory,
+                    lambda: load_sem_seg(
+                        y, x, gt_ext="gtFine_labelTrainIds.png", image_ext="leftImg8bit.png"
+                    ),
                 ),
             )
             MetadataCatalog.get(n).set(
