@@ -28,7 +28,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from acamkd.data import BENCHMARK_SCENES
+from acamkd.data import add_scene_arguments
 from acamkd.experiments.demo import run_demo
 
 
@@ -43,30 +43,7 @@ def main() -> None:
         default="detection",
         help="detection: FCOS wide R-18 -> R-18, COCO AP; segmentation: DeepLabV3, mIoU",
     )
-    parser.add_argument(
-        "--num-train",
-        type=int,
-        default=BENCHMARK_SCENES["num_train"],
-        help="generated training images",
-    )
-    parser.add_argument(
-        "--num-val",
-        type=int,
-        default=BENCHMARK_SCENES["num_val"],
-        help="generated validation images",
-    )
-    parser.add_argument(
-        "--width", type=int, default=BENCHMARK_SCENES["width"], help="generated image width"
-    )
-    parser.add_argument(
-        "--height", type=int, default=BENCHMARK_SCENES["height"], help="generated image height"
-    )
-    parser.add_argument(
-        "--max-depth",
-        type=float,
-        default=BENCHMARK_SCENES["max_depth"],
-        help="farthest object depth in metres",
-    )
+    add_scene_arguments(parser)
     parser.add_argument(
         "--teacher-iters", type=int, default=None, help="default: 600 (detection), 300 (seg.)"
     )

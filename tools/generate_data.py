@@ -15,7 +15,7 @@ import time
 
 from detectron2.utils.logger import setup_logger
 
-from acamkd.data import BENCHMARK_SCENES, default_datasets_root, generate_streets
+from acamkd.data import add_scene_arguments, default_datasets_root, generate_streets
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -28,17 +28,7 @@ def get_parser() -> argparse.ArgumentParser:
         ),
     )
     # The defaults are the benchmark's scenes (what `make demo` and every study use).
-    for flag, kind, what in (
-        ("num-train", int, "training images"),
-        ("num-val", int, "validation images"),
-        ("width", int, "image width in pixels"),
-        ("height", int, "image height in pixels"),
-        ("max-depth", float, "farthest object depth in metres"),
-    ):
-        default = BENCHMARK_SCENES[flag.replace("-", "_")]
-        parser.add_argument(
-            "--" + flag, type=kind, default=kind(default), help=f"{what} (default: {default})"
-        )
+    add_scene_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole set")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -15,6 +15,7 @@ from .streets_meta import (
     BENCHMARK_SCENES,
     STREETS_DIRNAME,
     STREETS_THING_CLASSES,
+    add_scene_arguments,
     default_datasets_root,
     streets_dir,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "register_coco_datasets",
     "streets_dataset_names",
     "BENCHMARK_SCENES",
+    "add_scene_arguments",
     "STREETS_THING_CLASSES",
     "StreetScene",
     "render_street_scene",

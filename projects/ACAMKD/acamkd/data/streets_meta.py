@@ -4,6 +4,7 @@ What the dataset registration needs, without the generator (:mod:`.street_scene`
 :mod:`.synthetic_streets`), so that ``import acamkd`` registers the ``streets_*`` names cheaply.
 """
 
+import argparse
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -11,6 +12,7 @@ from cityscapesscripts.helpers.labels import name2label
 
 __all__ = [
     "BENCHMARK_SCENES",
+    "add_scene_arguments",
     "STREETS_THING_CLASSES",
     "STREETS_DIRNAME",
     "STREETS_SPLITS",
@@ -36,6 +38,22 @@ BENCHMARK_SCENES: Dict[str, float] = {
     "height": 160,
     "max_depth": 14.0,
 }
+
+
+def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--num-train``, ``--num-val``, ``--width``, ``--height``, ``--max-depth`` of the generated
+    scenes, defaulting to the benchmark's (``BENCHMARK_SCENES``)."""
+    for flag, kind, what in (
+        ("num-train", int, "generated training images"),
+        ("num-val", int, "generated validation images"),
+        ("width", int, "generated image width in pixels"),
+        ("height", int, "generated image height in pixels"),
+        ("max-depth", float, "farthest object depth in metres"),
+    ):
+        default = kind(BENCHMARK_SCENES[flag.replace("-", "_")])
+        parser.add_argument(
+            "--" + flag, type=kind, default=default, help=f"{what} (default: {default})"
+        )
 
 
 def default_datasets_root() -> str:
